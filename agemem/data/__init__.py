@@ -1,0 +1,1 @@
+"""HotpotQA loading, episode scripts, distractor synthesis."""

@@ -1,0 +1,1 @@
+"""Embedder, Milvus store, the memory tool server and its clients."""

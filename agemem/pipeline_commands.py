@@ -1,0 +1,1 @@
+"""``agemem pipeline``: run the Prefect pipeline (filled in by the pipeline issue)."""

@@ -1,0 +1,1 @@
+"""Judge, reward components and verl's compute_score."""

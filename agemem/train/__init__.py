@@ -1,0 +1,1 @@
+"""verl configuration and launch, checkpoint conversion, and the local GRPO trainer."""

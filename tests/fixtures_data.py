@@ -1,0 +1,1 @@
+"""Fixtures for the data tests (a pytest plugin listed in conftest.py)."""

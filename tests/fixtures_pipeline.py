@@ -1,0 +1,1 @@
+"""Fixtures for the pipeline tests (a pytest plugin listed in conftest.py)."""

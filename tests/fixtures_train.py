@@ -1,0 +1,1 @@
+"""Fixtures for the train tests (a pytest plugin listed in conftest.py)."""
