@@ -137,9 +137,14 @@ class OpenAICompatibleBackend(ChatBackend):
             if exc.status_code == 429 or exc.status_code >= 500:
                 raise LLMTransientError(message) from exc
             raise LLMError(message) from exc
-        if not resp.choices:
+        except (openai.APIError, ValueError) as exc:
+            # A 200 whose body is not a chat completion (proxy error page, truncated JSON): the SDK
+            # raises JSONDecodeError / APIResponseValidationError, which must not escape as non-LLMError.
+            raise LLMTransientError(f"{self.name}: malformed response from {self._client.base_url}: {exc}") from exc
+        choices = getattr(resp, "choices", None)
+        if not choices or getattr(choices[0], "message", None) is None:
             raise LLMTransientError(f"{self.name}: response had no choices")
-        text = resp.choices[0].message.content or ""
+        text = choices[0].message.content or ""
         usage = resp.usage
         return ChatResult(
             text,

@@ -44,6 +44,15 @@ class DataSettings(BaseModel):
     synth_concurrency: int = Field(8, ge=1)
     synth_max_attempts: int = Field(3, ge=1, description="LLM distractor generations per slot before fallback.")
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of records held out for evaluation.")
+    cache_dir: Path | None = Field(
+        None,
+        description="datasets cache. None: runs/cache/datasets for local files, the HF default for the hub.",
+    )
+    distractors_per_call: int = Field(
+        0, ge=0, description="LLM distractors asked for per call; 0 = all of an episode's open slots in one call."
+    )
+    distractor_min_chars: int = Field(20, ge=1, description="Shorter LLM distractors are regenerated.")
+    distractor_max_chars: int = Field(400, ge=20, description="Longer LLM distractors are regenerated.")
 
 
 class LLMSettings(BaseModel):
@@ -68,6 +77,11 @@ class JudgeSettings(LLMSettings):
     temperature: float = 0.0
     max_tokens: int = 16
     cache: bool = True
+    parse_retries: int = Field(2, ge=0, description="Extra judge calls when the reply is not a bare 0-1 number.")
+    offline_metric: Literal["f1", "em"] = Field("f1", description="Offline/fallback answer score: token F1 or EM.")
+    memory_match_threshold: float = Field(
+        0.75, ge=0, le=1, description="Offline memory quality: cosine at which a memory sentence matches a fact."
+    )
 
 
 class MemorySettings(BaseModel):
@@ -92,6 +106,13 @@ class MemorySettings(BaseModel):
     server_token: SecretStr | None = Field(None, description="Required on POST /sessions when set.")
     request_timeout_s: float = Field(10.0, gt=0)
     client_retries: int = Field(3, ge=0)
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="Milvus connect timeout: an unreachable AGEMEM_MEMORY__URI fails after this."
+    )
+    flush_interval_s: float = Field(
+        0.5, ge=0, description="Writes are flushed at most this long after they happen (search fast path)."
+    )
+    flush_rows: int = Field(256, ge=1, description="Flush at once when this many rows are unflushed.")
 
 
 class EpisodeSettings(BaseModel):
@@ -112,6 +133,14 @@ class EpisodeSettings(BaseModel):
     manual_retrieve_top_k: int = Field(3, ge=1, description="Auto-retrieval when context tools are off.")
     max_tool_calls_per_turn: int = Field(8, ge=1)
     reward_preset: Literal["paper", "official-code"] = "paper"
+    reward_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="RewardConfig fields overriding the preset, e.g. {'clip_max': 2.0}."
+    )
+    summary_max_tokens: int = Field(256, ge=16, description="Cap on one Summary_context LLM summary.")
+    max_tool_result_chars: int = Field(2000, ge=64, description="Tool results longer than this are cut.")
+    coverage_threshold: float = Field(
+        0.8, ge=0, le=1, description="Token recall at which a gold fact counts as present in a text (stats)."
+    )
 
 
 class TrainSettings(BaseModel):
@@ -140,6 +169,22 @@ class TrainSettings(BaseModel):
     torch_threads: int = Field(1, ge=1, description="CPU threads (1 measured fastest on 2-core machines).")
     seed: int = 42
     extra_overrides: list[str] = Field(default_factory=list, description="Extra verl Hydra overrides.")
+    device: str = Field("auto", description="Local trainer device: 'auto' (cuda if available), 'cpu', 'cuda:0'.")
+    ppo_epochs: int = Field(1, ge=1, description="Optimisation passes over one batch of rollouts (local).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip (local and verl actor).")
+    tiny_hidden_size: int = Field(64, ge=8, description="Hidden size of 'tiny-random-qwen2' (random weights).")
+    tiny_num_layers: int = Field(2, ge=1, description="Layers of 'tiny-random-qwen2'.")
+    rollout_engine: Literal["vllm", "sglang"] = Field("vllm", description="verl rollout engine (GPU only).")
+    rollout_tp: int = Field(1, ge=1, description="verl rollout tensor-parallel size.")
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1, description="vLLM/SGLang KV-cache share.")
+    ppo_max_token_len_per_gpu: int = Field(16384, ge=256, description="verl dynamic-batch token budget.")
+    agent_workers: int = Field(8, ge=1, description="verl agent-loop workers (Ray actors).")
+    max_parallel_calls: int = Field(8, ge=1, description="verl multi_turn.max_parallel_calls (default 1).")
+    max_tool_response_length: int = Field(
+        8192, ge=256, description="verl multi_turn.max_tool_response_length in characters (default 256)."
+    )
+    keep_checkpoints: int = Field(3, ge=0, description="Local trainer: newest step checkpoints kept (0 = all).")
+    experiment_name: str = Field("agemem-grpo", description="verl trainer.experiment_name / local run label.")
 
 
 class EvalSettings(BaseModel):
@@ -154,6 +199,11 @@ class EvalSettings(BaseModel):
     memory_eval_top_k: int = Field(20, ge=1)
     concurrency: int = Field(4, ge=1)
     output_dir: Path = Path("runs/eval")
+    split: Literal["eval", "train", "all"] = Field(
+        "eval", description="Which episodes to evaluate; 'eval' falls back to all when the file has none."
+    )
+    api_key: SecretStr | None = Field(None, description="Key for the openai/dashscope policy endpoint.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-turn timeout of an endpoint policy.")
 
 
 class TrackingSettings(BaseModel):
@@ -162,8 +212,14 @@ class TrackingSettings(BaseModel):
     tracking_uri: str | None = Field(None, description="None = sqlite store under runs_dir.")
     experiment: str = "agemem"
     registered_model: str = "agemem-policy"
-    gate_metric: str = "judge_score"
+    gate_metric: str = Field("judge_score", description="Eval aggregate the champion gate compares (J).")
     gate_min_delta: float = 0.0
+    log_merged_model: bool | None = Field(
+        None, description="Also log the merged HF model; None = only when the base model cannot be reloaded by name."
+    )
+    prefect_results_dir: Path = Field(
+        Path("runs/prefect-results"), description="Persisted Prefect task results and cache records."
+    )
 
 
 PROFILES: dict[str, dict[str, Any]] = {

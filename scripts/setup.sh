@@ -9,6 +9,8 @@ PYTHON="${PYTHON:-python3}"
 EXTRAS="${AGEMEM_EXTRAS:-dev,train}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+# Some machines' pip config lists index folders that do not exist: drop only those warnings.
+quiet() { "$@" 2> >(grep -v "is neither a file nor a directory" >&2); }
 
 stamp=.venv/.agemem-installed
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-$EXTRAS"
@@ -23,9 +25,9 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   CONSTRAINTS=.venv/constraints-gpu.txt
 else
   echo "setup: no NVIDIA GPU: installing the CPU build torch==2.13.0 first"
-  "${PIP[@]}" install -q "torch==2.13.0"
+  quiet "${PIP[@]}" install -q "torch==2.13.0"
   CONSTRAINTS=constraints.txt
 fi
-"${PIP[@]}" install -q -c "$CONSTRAINTS" -e ".[$EXTRAS]"
+quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" -e ".[$EXTRAS]"
 echo "$want" > "$stamp"
 echo "setup: done (.venv/bin/agemem)"

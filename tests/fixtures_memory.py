@@ -1,1 +1,144 @@
-"""Fixtures for the memory tests (a pytest plugin listed in conftest.py)."""
+"""Fixtures for the memory tests (a pytest plugin listed in conftest.py).
+
+- ``memory_service`` (session scope): a real MemoryService over a milvus-lite file in a tmp dir
+  and the real embedding model.
+- ``memory_client``: an InProcessMemoryClient over it.
+- ``tool_server`` (session scope): a real uvicorn server on 127.0.0.1 (free port, background
+  thread, its own milvus-lite file); yields ``ToolServer(base_url, settings)`` (unpackable).
+- ``http_memory_client``: an HttpMemoryClient for ``tool_server``.
+- ``start_server_process`` (helper, not a fixture): the server as a subprocess, for restart and
+  load tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import httpx
+import pytest
+
+from agemem.memory.client import HttpMemoryClient, InProcessMemoryClient
+from agemem.memory.service import MemoryService
+from agemem.settings import Settings, load_settings, offline_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ToolServer(NamedTuple):
+    base_url: str
+    settings: Settings
+
+
+def memory_settings(root: Path, db_name: str = "memory.db", **memory: Any) -> Settings:
+    """Smoke settings with the store at ``root/db_name``; ``memory`` overrides the memory section."""
+    return load_settings("smoke", {"runs_dir": str(root), "memory": {"uri": str(root / db_name), **memory}})
+
+
+@pytest.fixture(scope="session")
+def memory_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MemoryService]:
+    settings = memory_settings(tmp_path_factory.mktemp("memory_service"))
+    service = MemoryService.from_settings(settings)
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def memory_client(memory_service: MemoryService) -> InProcessMemoryClient:
+    return InProcessMemoryClient(memory_service)
+
+
+def serve_in_thread(settings: Settings) -> tuple[str, Any, threading.Thread, MemoryService]:
+    """Start a uvicorn server for ``settings`` on a pre-bound loopback socket; returns once it answers."""
+    import uvicorn
+
+    from agemem.memory.server import create_app
+
+    service = MemoryService.from_settings(settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(service, settings), log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="tool-server")
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("tool server thread did not start")
+        time.sleep(0.02)
+    return base_url, server, thread, service
+
+
+@pytest.fixture(scope="session")
+def tool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolServer]:
+    settings = memory_settings(tmp_path_factory.mktemp("tool_server"))
+    base_url, server, thread, service = serve_in_thread(settings)
+    yield ToolServer(base_url, settings)
+    server.should_exit = True
+    thread.join(timeout=10)
+    service.close()
+
+
+@pytest.fixture
+async def http_memory_client(tool_server: ToolServer) -> AsyncIterator[HttpMemoryClient]:
+    client = HttpMemoryClient(tool_server.base_url, timeout_s=30.0, retries=1)
+    yield client
+    await client.aclose()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server_process(
+    uri: str | Path, *, port: int | None = None, extra: list[str] | None = None, timeout_s: float = 120.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m agemem.memory.commands`` on loopback over ``uri``; returns once /healthz answers."""
+    port = port or free_port()
+    cmd = [
+        sys.executable, "-m", "agemem.memory.commands",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--set", f"memory.uri={uri}",
+        *(extra or []),
+    ]  # fmt: skip
+    env = offline_env()
+    env = {k: v for k, v in env.items() if not k.startswith("AGEMEM_")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError(f"tool server exited with {proc.returncode}:\n{out[-3000:]}")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1.0).status_code == 200:
+                return proc, base_url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server_process(proc)
+    raise RuntimeError(f"tool server did not answer on {base_url} within {timeout_s}s")
+
+
+def stop_server_process(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> str:
+    """Stop the server (SIGTERM, then SIGKILL) and return its output."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+    return proc.stdout.read().decode(errors="replace") if proc.stdout else ""

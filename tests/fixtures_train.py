@@ -1,1 +1,96 @@
 """Fixtures for the train tests (a pytest plugin listed in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from agemem.assets import SAMPLE_DATA
+from agemem.data.records import EpisodeScript
+from agemem.settings import Settings, load_settings
+
+# An even smaller run than the smoke profile: the tests check the mechanics, not learning.
+TINY_TRAIN: dict[str, Any] = {
+    "episode": {"max_context_tokens": 1024, "stage1_max_rounds": 1, "stage2_max_rounds": 1,
+                "stage3_max_rounds": 1, "max_turn_tokens": 8},
+    "train": {"tiny_hidden_size": 32, "tiny_num_layers": 1, "tasks_per_batch": 2, "rollouts_per_prompt": 2,
+              "total_steps": 2, "lr": 1e-2, "kl_coef": 0.01, "lora_rank": 4, "lora_alpha": 8, "device": "cpu"},
+    "data": {"distractor_messages": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def sample_records() -> list[dict[str, Any]]:
+    return json.loads(SAMPLE_DATA.read_text())
+
+
+@pytest.fixture
+def train_scripts(sample_records: list[dict[str, Any]]) -> list[EpisodeScript]:
+    """Three real HotpotQA episodes with offline distractors (no LLM)."""
+    from agemem.agent.scripted import episode_from_raw
+
+    return [episode_from_raw(sample_records, i, distractors=1) for i in range(3)]
+
+
+@pytest.fixture
+def episodes_file(tmp_path: Path, train_scripts: list[EpisodeScript]) -> Path:
+    from agemem.data.episodes_io import write_episodes
+
+    path = tmp_path / "episodes.jsonl"
+    write_episodes(train_scripts, path)
+    return path
+
+
+@pytest.fixture
+def tiny_train_settings(runs_dir: Path) -> Settings:
+    """The smoke profile shrunk further (1-layer 32-wide random Qwen2, 8-token turns)."""
+    return load_settings("smoke", {**TINY_TRAIN, "runs_dir": str(runs_dir)})
+
+
+@dataclass
+class RunningToolServer:
+    url: str
+    service: Any
+    settings: Settings
+
+
+@pytest.fixture
+def train_tool_server(runs_dir: Path) -> Iterator[RunningToolServer]:
+    """The real memory tool server (FastAPI + milvus-lite in tmp) served by uvicorn on 127.0.0.1."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from agemem.memory.server import create_app
+    from agemem.memory.service import MemoryService
+    from agemem.train.launch import free_port
+
+    settings = load_settings("smoke", {"runs_dir": str(runs_dir)})
+    service = MemoryService.from_settings(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service, settings), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        raise RuntimeError("tool server did not start")
+    try:
+        yield RunningToolServer(url, service, settings)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        service.close()

@@ -1,0 +1,259 @@
+"""Deterministic scripted policies (tests, the offline ``agemem episode``, ``eval.policy=scripted``).
+
+A scripted policy replays responses keyed by (stage, turn) and round. It works out where it is
+from what it is shown, exactly like a real model: the latest injected stage message (facts,
+distractor or question) found in the prompt, and the number of assistant turns since. A response
+is a string or a function of the visible prompt text (for answers that depend on retrievals).
+
+The default script behaves like a sensible agent: stage 1 stores each fact line with
+``Add_memory``; stage 2 filters the previous distractor with ``Filter_context`` and replies;
+stage 3 retrieves with the question and answers with the best-overlapping retrieved sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
+
+from agemem.agent.context import ChatTokenizer
+from agemem.agent.policy import GenerationOutput
+from agemem.data.records import Distractor, EpisodeScript, SupportingFact
+from agemem.reward.metrics import normalize_answer
+
+if TYPE_CHECKING:
+    pass
+
+Response = Union[str, Callable[[str], str]]
+Key = tuple[int, int]  # (stage, turn within the stage)
+
+STAGE1_OPENER = "Just chatting about a few topics today; here is some related content, grouped by title:"
+_STOP = {"what", "which", "who", "when", "where", "how", "was", "were", "is", "are", "the", "a", "an", "of", "in",
+         "and", "or", "did", "does", "do", "to", "for", "on", "by", "with", "that", "this", "same"}
+_RETRIEVED = re.compile(r"\[retrieved memories\](.*?)(?=<\|im_end\|>|\[retrieved memories\]|$)", re.DOTALL)
+
+
+def stage_messages(script: EpisodeScript) -> dict[str, Key]:
+    """Injected message text -> (stage, turn)."""
+    out: dict[str, Key] = {}
+    for i, text in enumerate(script.stage1_turns):
+        out[text] = (1, i)
+    for i, d in enumerate(script.distractors):
+        if d.text.strip():
+            out[d.text] = (2, i)
+    out[script.question] = (3, 0)
+    return out
+
+
+def _call(name: str, **arguments: Any) -> dict[str, Any]:
+    return {"name": name, "arguments": arguments}
+
+
+def _tool_reply(thought: str, calls: list[dict[str, Any]]) -> str:
+    body = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+    return f"<think>{thought}</think>\n<tool_call>{body}</tool_call>"
+
+
+def fact_lines(text: str, max_sentences: int = 2) -> list[str]:
+    """The fact lines of a stage-1 message (``Title: sentences``) without the opener line, each cut
+    to its first ``max_sentences`` sentences so one reply of Add_memory calls stays short."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    facts = [ln for ln in lines if len(ln.split()) >= 5 and not ln.endswith(":")]
+    return [" ".join(re.split(r"(?<=[.!?])\s+", ln)[:max_sentences]) for ln in facts]
+
+
+def best_retrieved_sentence(prompt_text: str, question: str) -> str | None:
+    """The retrieved sentence that shares the most content words with the question."""
+    blocks = _RETRIEVED.findall(prompt_text)
+    if not blocks:
+        return None
+    q_words = {w for w in normalize_answer(question).split() if w not in _STOP}
+    best, best_score = None, -1.0
+    for block in blocks[-1:]:
+        for line in block.splitlines():
+            line = re.sub(r"\(\s*(?:memory\s*)?id[^)]*\)\s*$", "", line.strip(" -"), flags=re.IGNORECASE).strip()
+            line = re.sub(r"^[^:]{1,80}:\s+", "", line)  # drop the 'Title: ' prefix of stored facts
+            for sentence in re.split(r"(?<=[.!?])\s+", line):
+                words = set(normalize_answer(sentence).split())
+                if not words:
+                    continue
+                score = len(words & q_words) / (1 + 0.01 * len(words))
+                if score > best_score:
+                    best, best_score = sentence.strip(), score
+    return best
+
+
+def default_responses(script: EpisodeScript) -> dict[Key, list[Response]]:
+    """The sensible-agent script for one episode."""
+    out: dict[Key, list[Response]] = {}
+    for i, text in enumerate(script.stage1_turns):
+        facts = fact_lines(text) or [text[:2000]]
+        calls = [_call("Add_memory", content=f, memory_type="knowledge") for f in facts]
+        # Batches of 5 calls keep each reply short and under the engine's per-reply call limit.
+        replies: list[Response] = [
+            _tool_reply("These facts may matter later; store them in long-term memory.", calls[k : k + 5])
+            for k in range(0, len(calls), 5)
+        ]
+        out[(1, i)] = replies + ["<think>Stored.</think>\n<answer>Thanks, noted.</answer>"]
+    distractors = [d.text for d in script.distractors if d.text.strip()]
+    for i, text in enumerate(distractors):
+        reply = "<think>Small talk unrelated to my stored facts.</think>\n<answer>Sounds nice!</answer>"
+        if i == 0:
+            out[(2, i)] = [reply]
+        else:
+            out[(2, i)] = [
+                _tool_reply("The previous small talk is irrelevant now; drop it.",
+                            [_call("Filter_context", criteria=distractors[i - 1])]),
+                reply,
+            ]
+    question = script.question
+
+    def answer(prompt_text: str) -> str:
+        sentence = best_retrieved_sentence(prompt_text, question) or "I do not know"
+        return f"<think>The best matching memory answers it.</think>\n<answer>{sentence}</answer>"
+
+    out[(3, 0)] = [
+        _tool_reply("Look up what I stored about this.", [_call("Retrieve_memory", query=question, top_k=3)]),
+        answer,
+    ]
+    return out
+
+
+class _Replayer:
+    def __init__(self, script: EpisodeScript, responses: Mapping[Key, Sequence[Response]] | None) -> None:
+        self.script = script
+        self.lookup = stage_messages(script)
+        self.responses = dict(responses) if responses is not None else default_responses(script)
+        self.calls = 0
+
+    def locate(self, text: str, assistant_header: str, user_prefix: str = "") -> tuple[Key, int]:
+        # Match only at the start of a user turn: the question also appears in tool-call arguments.
+        best: tuple[int, int, Key] | None = None
+        for message, key in self.lookup.items():
+            pos = text.rfind(user_prefix + message)
+            if pos >= 0:
+                pos += len(user_prefix)
+            if pos >= 0 and (best is None or (pos, len(message)) > (best[0], best[1])):
+                best = (pos, len(message), key)
+        if best is None:
+            return (0, 0), 0
+        after = text[best[0] + best[1]:]
+        return best[2], max(0, after.count(assistant_header) - 1)
+
+    def respond(self, key: Key, round_idx: int, visible: str) -> str:
+        self.calls += 1
+        options = self.responses.get(key) or ["<think>Nothing to do.</think>\n<answer>OK.</answer>"]
+        response = options[min(round_idx, len(options) - 1)]
+        return response(visible) if callable(response) else response
+
+
+class ScriptedTokenPolicy:
+    """Token-level scripted policy with verl's ``generate`` shape."""
+
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        script: EpisodeScript,
+        responses: Mapping[Key, Sequence[Response]] | None = None,
+        *,
+        respect_max_tokens: bool = False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.replayer = _Replayer(script, responses)
+        self.respect_max_tokens = respect_max_tokens
+        base = [{"role": "system", "content": "s"}]
+        head = tokenizer.render(base, add_generation_prompt=False)
+        self._header = tokenizer.render(base, add_generation_prompt=True)[len(head):]
+        probe = "\u2063PROBE\u2063"
+        user = tokenizer.render(base + [{"role": "user", "content": probe}], add_generation_prompt=False)
+        self._user_prefix = user[len(head):].split(probe, 1)[0] if user.startswith(head) else ""
+        self.requests: list[str] = []
+
+    async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any],
+                       **kwargs: Any) -> GenerationOutput:
+        self.requests.append(request_id)
+        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        key, round_idx = self.replayer.locate(text, self._header, self._user_prefix)
+        reply = self.replayer.respond(key, round_idx, text)
+        ids = self.tokenizer.encode(reply)
+        if self.tokenizer.eos_id is not None:
+            ids.append(self.tokenizer.eos_id)
+        stop = "stop"
+        limit = int(sampling_params.get("max_tokens") or 0)
+        if self.respect_max_tokens and limit and len(ids) > limit:
+            ids, stop = ids[:limit], "length"
+        return GenerationOutput(token_ids=ids, stop_reason=stop)
+
+
+class ScriptedChatPolicy:
+    """Chat-level scripted policy (messages in, text out)."""
+
+    def __init__(self, script: EpisodeScript, responses: Mapping[Key, Sequence[Response]] | None = None) -> None:
+        self.replayer = _Replayer(script, responses)
+
+    async def chat(self, messages: Sequence[dict[str, str]], sampling_params: dict[str, Any]) -> str:
+        stage_idx, key = -1, (0, 0)
+        for i, m in enumerate(messages):
+            if m.get("role") == "user" and m.get("content") in self.replayer.lookup:
+                stage_idx, key = i, self.replayer.lookup[m["content"]]
+        rounds = sum(1 for m in messages[stage_idx + 1:] if m.get("role") == "assistant") if stage_idx >= 0 else 0
+        visible = "\n".join(m.get("content", "") for m in messages)
+        return self.replayer.respond(key, rounds, visible)
+
+
+def stage1_message(paragraphs: Sequence[tuple[str, Sequence[str]]], max_sentences: int = 10) -> str:
+    """The reference's stage-1 message: a casual opener, then ``Title: sentences`` per paragraph."""
+    lines = [f"{title}: {' '.join(s.strip() for s in sents[:max_sentences])}" for title, sents in paragraphs]
+    return STAGE1_OPENER + "\n" + "\n".join(lines)
+
+
+def episode_from_raw(records: Sequence[dict[str, Any]], index: int, *, distractors: int = 2,
+                     seed: int = 42) -> EpisodeScript:
+    """An EpisodeScript from raw HotpotQA json records (the shipped sample's shape).
+
+    Distractors are the first sentences of the following records' first paragraphs: unrelated
+    everyday content, deterministic, no LLM.
+    """
+    if not 0 <= index < len(records):
+        raise IndexError(f"record index {index} out of range (0..{len(records) - 1})")
+    raw = records[index]
+    paragraphs = [(str(t), [str(s) for s in sents]) for t, sents in raw.get("context", [])]
+    by_title = dict(paragraphs)
+    facts = []
+    for title, sent_id in raw.get("supporting_facts", []):
+        sents = by_title.get(title, [])
+        sentence = sents[sent_id].strip() if 0 <= sent_id < len(sents) else None
+        facts.append(SupportingFact(title=title, sent_id=sent_id, sentence=sentence))
+    fill: list[Distractor] = []
+    j = index
+    while len(fill) < distractors and len(fill) < len(records) - 1:
+        j = (j + 1) % len(records)
+        other = records[j]
+        if other.get("context"):
+            text = str(other["context"][0][1][0]).strip() if other["context"][0][1] else ""
+            if text:
+                fill.append(Distractor(text=text, source=f"offline:{other.get('_id', j)}"))
+    return EpisodeScript(
+        episode_id=f"{raw.get('_id', index)}-{seed}",
+        record_id=str(raw.get("_id", index)),
+        seed=seed,
+        stage1_turns=[stage1_message(paragraphs)],
+        distractor_slots=distractors,
+        distractors=fill,
+        question=str(raw["question"]),
+        gold_answer=raw.get("answer"),
+        supporting_facts=facts,
+        titles=[t for t, _ in paragraphs],
+    )
+
+
+__all__ = [
+    "ScriptedChatPolicy",
+    "ScriptedTokenPolicy",
+    "best_retrieved_sentence",
+    "default_responses",
+    "episode_from_raw",
+    "fact_lines",
+    "stage1_message",
+    "stage_messages",
+]

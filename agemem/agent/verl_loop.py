@@ -1,0 +1,172 @@
+"""verl agent loop: the three-stage AgeMem episode as a verl 0.9.1 ``AgentLoopBase``.
+
+Token in, token out: the episode engine calls verl's server manager
+(``server_manager.generate(request_id, prompt_ids=..., sampling_params=...)``) directly, so what is
+trained is exactly what was sampled. The loop returns one ``AgentLoopOutput`` per engine segment
+(a new segment whenever the context is rewritten); verl's v1 trainer gives every output the
+trajectory's reward and broadcasts the trajectory's GRPO advantage to all of them.
+
+Per trajectory the loop creates its own id and memory session and deletes the session in
+``finally``. It never keys anything by ``uid``/``index``/``tools_kwargs``/``extra_info``: GRPO
+siblings share all of those (even the same ``extra_info`` object), and the loop never mutates them.
+
+verl instantiates the loop class once per trajectory, so the engine, memory client, LLM and judge
+are built once per worker process and event loop and shared (:func:`worker_resources`).
+Configuration comes from ``agemem.settings`` (``AGEMEM_*`` env propagated to Ray workers,
+e.g. ``AGEMEM_MEMORY__SERVER_URL``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, Awaitable, Callable
+
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
+
+from agemem.data.parquet import decode_script
+from agemem.data.records import EpisodeScript
+from agemem.settings import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+Closer = Callable[[], Awaitable[None]]
+
+# verl's sampling keys the engine forwards to the server manager (max_tokens stays the engine's per-turn cap).
+_VERL_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "logprobs")
+
+
+async def build_engine(settings: Settings, *, tokenizer: Any, memory: Any | None = None) -> tuple[Any, list[Closer]]:
+    """The episode engine with the memory client (built from settings unless given), LLM and judge.
+
+    Returns the engine and the coroutines that close what was built here.
+    """
+    from agemem.agent.episode import EpisodeEngine
+    from agemem.llm import build_llm_client
+    from agemem.reward.judge import Judge
+
+    closers: list[Closer] = []
+    if memory is None:
+        from agemem.memory.client import build_memory_client
+
+        memory = build_memory_client(settings)
+        closers.append(memory.aclose)
+    llm = build_llm_client(settings, "llm")
+    judge = Judge.from_settings(settings)
+    closers.append(llm.aclose)
+    if judge.client is not None and judge.client is not llm:
+        closers.append(judge.client.aclose)
+    engine = EpisodeEngine(settings, tokenizer=tokenizer, memory=memory, llm=llm, judge=judge)
+    return engine, closers
+
+
+async def run_episode(
+    engine: Any,
+    script: EpisodeScript,
+    policy: Any,
+    *,
+    trajectory_id: str,
+    sampling_overrides: dict[str, Any] | None = None,
+) -> Any:
+    """One trajectory: its own memory session (deleted in ``finally``), the engine's token path.
+
+    The same call path serves verl's loop (policy = verl's server manager) and the local trainer
+    (policy = :class:`agemem.train.token_server.LocalTokenServer`).
+    """
+    session = await engine.memory.create_session() if engine.memory is not None else None
+    try:
+        return await engine.run_tokens(
+            script, policy, request_id=trajectory_id, session=session, sampling_overrides=sampling_overrides
+        )
+    finally:
+        if session is not None:
+            try:
+                await engine.memory.delete_session(session)
+            except Exception as exc:  # a failed delete must not lose the finished rollout
+                logger.warning("trajectory %s: could not delete memory session: %s", trajectory_id, exc)
+
+
+_RESOURCES: dict[int, tuple[Settings, Any, list[Closer]]] = {}
+_RESOURCE_LOCKS: dict[int, asyncio.Lock] = {}
+
+
+async def worker_resources(tokenizer: Any) -> tuple[Settings, Any]:
+    """Settings and engine for this process's running event loop (built on first use)."""
+    key = id(asyncio.get_running_loop())
+    lock = _RESOURCE_LOCKS.setdefault(key, asyncio.Lock())
+    async with lock:
+        if key not in _RESOURCES:
+            settings = load_settings()
+            engine, closers = await build_engine(settings, tokenizer=tokenizer)
+            _RESOURCES[key] = (settings, engine, closers)
+            logger.info("agent-loop worker resources ready (memory server %s)", settings.memory.server_url)
+    settings, engine, _ = _RESOURCES[key]
+    return settings, engine
+
+
+async def release_worker_resources() -> None:
+    """Close the shared clients of the running event loop (tests, worker shutdown)."""
+    key = id(asyncio.get_running_loop())
+    entry = _RESOURCES.pop(key, None)
+    _RESOURCE_LOCKS.pop(key, None)
+    if entry is not None:
+        for close in entry[2]:
+            await close()
+
+
+class StagedMemoryAgentLoop(AgentLoopBase):
+    """AgeMem's staged memory episode as a verl agent loop (``agent_name: staged_memory_agent``)."""
+
+    def __init__(self, *args: Any, tools: Any = None, **kwargs: Any) -> None:
+        # verl passes its tool list too; memory tools run through the engine's own client instead.
+        super().__init__(*args, **kwargs)
+        self.prompt_length = int(self.rollout_config.prompt_length)
+        self.response_length = int(self.rollout_config.response_length)
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> list[AgentLoopOutput]:
+        script = decode_script(kwargs.get("extra_info"))
+        settings, engine = await worker_resources(self.tokenizer)
+        trajectory_id = f"{script.episode_id}-{uuid.uuid4().hex}"
+        overrides = {k: sampling_params[k] for k in _VERL_SAMPLING_KEYS if k in sampling_params}
+        result = await run_episode(engine, script, self.server_manager, trajectory_id=trajectory_id,
+                                   sampling_overrides=overrides)
+        return self.outputs(result, trajectory_id)
+
+    def outputs(self, result: Any, trajectory_id: str) -> list[AgentLoopOutput]:
+        """One AgentLoopOutput per segment with at least one model token; stats on every output."""
+        segments = [s for s in result.segments if sum(s.response_mask) > 0]
+        stats = result.extra_fields()
+        num_turns = len(result.transcript)
+        outputs: list[AgentLoopOutput] = []
+        for i, seg in enumerate(segments):
+            prompt_ids = list(seg.prompt_ids)
+            if len(prompt_ids) > self.prompt_length:
+                logger.warning("trajectory %s segment %d: prompt of %d tokens > prompt_length %d, left-truncated",
+                               trajectory_id, i, len(prompt_ids), self.prompt_length)
+                prompt_ids = prompt_ids[-self.prompt_length:]
+            n = min(len(seg.response_ids), self.response_length)
+            if n < len(seg.response_ids):
+                logger.warning("trajectory %s segment %d: response of %d tokens > response_length %d, truncated "
+                               "(raise data.max_response_length to max_context_tokens)",
+                               trajectory_id, i, len(seg.response_ids), self.response_length)
+            last = i == len(segments) - 1
+            metrics = AgentLoopMetrics(
+                generate_sequences=float(result.stats.generate_s) if last else 0.0,
+                tool_calls=float(result.stats.overhead_s) if last else 0.0,
+            )
+            outputs.append(
+                AgentLoopOutput(
+                    prompt_ids=prompt_ids,
+                    response_ids=list(seg.response_ids[:n]),
+                    response_mask=list(seg.response_mask[:n]),
+                    response_logprobs=list(seg.response_logprobs[:n]) if seg.response_logprobs else None,
+                    num_turns=num_turns,
+                    metrics=metrics,
+                    extra_fields={**stats, "trajectory_id": trajectory_id, "segment_index": i,
+                                  "num_segments": len(segments)},
+                )
+            )
+        if not outputs:
+            logger.warning("trajectory %s produced no model tokens", trajectory_id)
+        return outputs

@@ -1,0 +1,70 @@
+"""``agemem data prepare`` and ``agemem data distractors``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from tqdm import tqdm
+
+from agemem.cli_common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.data.episodes_io import EpisodeFileError
+from agemem.data.hotpot import HotpotDataError
+
+app = typer.Typer(help="Prepare HotpotQA episodes and synthesize distractors.", no_args_is_help=True)
+
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rebuild even if the outputs are up to date.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+@app.command()
+def prepare(profile: ProfileOpt = None, set_: SetOpt = None, force: ForceOpt = False, verbose: VerboseOpt = False) -> None:
+    """Load HotpotQA (data.source) and write scripts.jsonl + scripts.stats.json."""
+    from agemem.data.prepare import prepare_scripts
+
+    configure_logging(verbose)
+    settings = settings_from_cli(profile, set_)
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, n: int) -> None:
+        if phase not in bars:
+            bars[phase] = tqdm(desc=phase, unit="rec", leave=True)
+        bars[phase].update(n)
+
+    try:
+        path = prepare_scripts(settings, force=force, progress=progress)
+    except (HotpotDataError, EpisodeFileError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        for bar in bars.values():
+            bar.close()
+    typer.echo(f"scripts: {path}")
+    typer.echo(f"stats:   {path.with_name('scripts.stats.json')}")
+
+
+@app.command()
+def distractors(
+    profile: ProfileOpt = None, set_: SetOpt = None, force: ForceOpt = False, verbose: VerboseOpt = False
+) -> None:
+    """Fill stage-2 distractor slots (data.distractor_backend) and write episodes.jsonl (resumable)."""
+    from agemem.data.distractors import EPISODES_STATS, synthesize
+
+    configure_logging(verbose)
+    settings = settings_from_cli(profile, set_)
+    bar = tqdm(desc="distractors", unit="ep")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        path = synthesize(settings, force=force, progress=progress)
+    except (HotpotDataError, EpisodeFileError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        bar.close()
+    typer.echo(f"episodes: {path}")
+    typer.echo(f"stats:    {path.with_name(EPISODES_STATS)}")

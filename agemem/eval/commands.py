@@ -1,0 +1,54 @@
+"""``agemem eval``: evaluate a checkpoint, an endpoint or the scripted policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from agemem.cli_common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+
+
+def evaluate(
+    episodes: Annotated[
+        Optional[Path], typer.Option("--episodes", help="episodes.jsonl (default: <data.output_dir>/episodes.jsonl).")
+    ] = None,
+    model: Annotated[
+        Optional[Path], typer.Option("--model", help="Checkpoint: an HF model directory or a LoRA adapter directory.")
+    ] = None,
+    policy: Annotated[
+        Optional[str], typer.Option("--policy", help="checkpoint | openai | dashscope | scripted (eval.policy).")
+    ] = None,
+    no_context_tools: Annotated[
+        bool, typer.Option("--no-context-tools", help="Ablation: remove Summary/Filter/Retrieve, auto-retrieve.")
+    ] = False,
+    no_stage2: Annotated[bool, typer.Option("--no-stage2", help="Ablation: skip the distractor stage.")] = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N questions.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where the report goes.")] = None,
+    profile: ProfileOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Run the episode engine over the evaluation episodes and write a report."""
+    from agemem.eval.runner import evaluate as run_eval
+
+    configure_logging()
+    extra: dict[str, object] = {"eval.policy": policy, "eval.limit": limit}
+    if no_context_tools:
+        extra["eval.use_context_tools"] = "false"
+    if no_stage2:
+        extra["eval.enable_stage2"] = "false"
+    settings = settings_from_cli(profile, sets, **extra)
+    episodes_path = episodes or settings.path(settings.data.output_dir) / "episodes.jsonl"
+    if not episodes_path.is_file():
+        raise typer.BadParameter(f"{episodes_path} does not exist (run `agemem data prepare` first)",
+                                 param_hint="--episodes")
+    try:
+        result = run_eval(settings, episodes_path, model_path=model, output_dir=output_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    keys = ("n", "judge_score", "em", "f1", "memory_quality", "reward", "rounds", "format_errors", "judge_fallbacks")
+    typer.echo(json.dumps({k: result.aggregates.get(k) for k in keys}, indent=2))
+    typer.echo(f"report: {result.report_path}")
+    typer.echo(f"plot:   {result.plot_path}")

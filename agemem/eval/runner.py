@@ -1,0 +1,191 @@
+"""``evaluate``: run the episode engine over an evaluation set and write rows, aggregates, report, plot.
+
+The engine is the one training uses (same tools, budget, judge); only the policy differs
+(:mod:`agemem.eval.policies`). The ablations are settings: ``episode.use_context_tools`` and
+``episode.enable_stage2`` (the ``eval`` section's flags of the same names are applied on top, so
+``--set eval.enable_stage2=false`` works without touching training settings). An episode that
+cannot run (an endpoint down for good) becomes a zero-score row with its error, never a crash; a
+judge that times out or answers garbage is retried by the LLM client and the judge, then scored
+offline and flagged (``judge_fallback``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from agemem.eval.metrics import aggregate, episode_row, error_row
+from agemem.eval.policies import build_policy
+from agemem.eval.report import render_markdown, write_plot
+
+if TYPE_CHECKING:
+    from agemem.data.records import EpisodeScript
+    from agemem.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ROWS_FILE = "rows.jsonl"
+AGGREGATES_FILE = "aggregates.json"
+REPORT_FILE = "report.md"
+PLOT_FILE = "plot.png"
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict[str, Any]]
+    aggregates: dict[str, float]
+    report_path: Path
+    plot_path: Path
+    output_dir: Path = field(default_factory=Path)
+    label: str = ""
+
+
+def effective_settings(settings: "Settings") -> "Settings":
+    """Settings with the eval section's ablation flags applied to the episode section."""
+    episode = settings.episode.model_copy(update={
+        "use_context_tools": settings.episode.use_context_tools and settings.eval.use_context_tools,
+        "enable_stage2": settings.episode.enable_stage2 and settings.eval.enable_stage2,
+    })
+    return settings.model_copy(update={"episode": episode})
+
+
+def select_episodes(settings: "Settings", episodes_path: Path) -> list["EpisodeScript"]:
+    """The evaluation set: ``eval.split`` of the file (all episodes if it has no eval split), ``eval.limit``."""
+    from agemem.data.episodes_io import read_episodes
+
+    episodes = read_episodes(Path(episodes_path))
+    split = settings.eval.split
+    chosen = episodes if split == "all" else [e for e in episodes if e.split == split]
+    if not chosen and split == "eval":
+        logger.warning("%s has no eval split; evaluating all %d episodes", episodes_path, len(episodes))
+        chosen = episodes
+    unlabelled = [e.episode_id for e in chosen if not (e.gold_answer and e.gold_answer.strip())]
+    if unlabelled:
+        # Judging against an LLM-made reference is judge-on-judge (reference defect 15): refuse, say which.
+        raise ValueError(f"{len(unlabelled)} evaluation episodes have no gold answer (e.g. {unlabelled[:3]}); "
+                         "evaluate a labelled split")
+    if settings.eval.limit is not None:
+        chosen = chosen[: settings.eval.limit]
+    if not chosen:
+        raise ValueError(f"{episodes_path}: no episodes to evaluate")
+    return chosen
+
+
+async def _build_engine(settings: "Settings", tokenizer: Any) -> tuple[Any, list[Callable[[], Any]]]:
+    from agemem.agent.episode import EpisodeEngine
+    from agemem.llm import build_llm_client
+    from agemem.memory.client import build_memory_client
+    from agemem.reward.judge import Judge
+
+    memory = build_memory_client(settings)
+    llm = build_llm_client(settings, "llm")
+    judge = Judge.from_settings(settings)
+    closers = [memory.aclose, llm.aclose]
+    if judge.client is not None:
+        closers.append(judge.client.aclose)
+    return EpisodeEngine(settings, tokenizer=tokenizer, memory=memory, llm=llm, judge=judge), closers
+
+
+async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, model_path: Path | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Run every episode (``eval.concurrency`` at a time); returns rows in input order and the policy label."""
+    from agemem.data.parquet import DATA_SOURCE
+    from agemem.reward.score import compute_score
+
+    handle = build_policy(settings, model_path)
+    engine, closers = await _build_engine(settings, handle.tokenizer)
+    if handle.close is not None:
+        closers.append(handle.close)
+    gate = asyncio.Semaphore(settings.eval.concurrency)
+    done = 0
+
+    async def one(script: "EpisodeScript") -> dict[str, Any]:
+        nonlocal done
+        async with gate:
+            policy = handle.for_script(script)
+            try:
+                if handle.mode == "tokens":
+                    result = await engine.run_tokens(script, policy, request_id=f"eval-{script.episode_id}")
+                else:
+                    result = await engine.run_chat(script, policy)
+            except Exception as exc:  # noqa: BLE001 - one failed episode must not lose the others
+                logger.warning("episode %s failed: %s", script.episode_id, exc)
+                row = error_row(script, f"{type(exc).__name__}: {exc}", split=script.split)
+            else:
+                extra = result.extra_fields()
+                scores = compute_score(DATA_SOURCE, result.transcript_text(), script.gold_answer or "", extra)
+                row = episode_row(extra, scores, split=script.split)
+            done += 1
+            if progress:
+                progress(done, len(episodes))
+            return row
+
+    try:
+        rows = list(await asyncio.gather(*(one(s) for s in episodes)))
+    finally:
+        for close in closers:
+            try:
+                await close()
+            except Exception as exc:  # noqa: BLE001 - closing must not hide the result
+                logger.warning("closing evaluation resources: %s", exc)
+    return rows, handle.label
+
+
+def write_outputs(out_dir: Path, rows: list[dict[str, Any]], aggregates: dict[str, float], *, title: str,
+                  meta: dict[str, Any]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / ROWS_FILE).open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    (out_dir / AGGREGATES_FILE).write_text(json.dumps({"meta": meta, "aggregates": aggregates}, indent=2, default=str))
+    plot = write_plot(aggregates, rows, out_dir / PLOT_FILE)
+    report = out_dir / REPORT_FILE
+    report.write_text(render_markdown(aggregates, rows, title=title, meta=meta, plot_name=plot.name))
+    return report, plot
+
+
+def evaluate(
+    settings: "Settings",
+    episodes_path: Path,
+    *,
+    model_path: Path | None = None,
+    output_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Evaluate ``settings.eval.policy`` (or the checkpoint at ``model_path``) on the eval episodes.
+
+    Writes ``rows.jsonl``, ``aggregates.json``, ``report.md`` and ``plot.png`` under
+    ``output_dir`` (default ``<eval.output_dir>/<policy>-<timestamp>``).
+    """
+    settings = effective_settings(settings)
+    if model_path is not None and settings.eval.policy != "checkpoint":
+        settings = settings.model_copy(update={"eval": settings.eval.model_copy(update={"policy": "checkpoint"})})
+    episodes = select_episodes(settings, Path(episodes_path))
+    started = time.perf_counter()
+    rows, label = asyncio.run(run_rows(settings, episodes, model_path=model_path, progress=progress))
+    aggregates = aggregate(rows)
+    aggregates["eval_seconds"] = time.perf_counter() - started
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = output_dir or settings.path(settings.eval.output_dir) / f"{settings.eval.policy}-{stamp}"
+    meta = {
+        "policy": label,
+        "episodes": str(episodes_path),
+        "questions": len(rows),
+        "judge backend": settings.judge.backend,
+        "context tools": settings.episode.use_context_tools,
+        "stage 2": settings.episode.enable_stage2,
+        "max context tokens": settings.episode.max_context_tokens,
+    }
+    report, plot = write_outputs(Path(out), rows, aggregates, title=f"AgeMem evaluation: {label}", meta=meta)
+    logger.info("evaluated %d questions: J=%.3f EM=%.3f F1=%.3f MQ=%.3f -> %s", len(rows),
+                aggregates.get("judge_score", 0), aggregates.get("em", 0), aggregates.get("f1", 0),
+                aggregates.get("memory_quality", 0), report)
+    return EvalResult(rows, aggregates, report, plot, Path(out), label)
+
+
+__all__ = ["EvalResult", "effective_settings", "evaluate", "run_rows", "select_episodes"]

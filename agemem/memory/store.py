@@ -1,0 +1,364 @@
+"""Milvus-backed storage of memories and of tool-server sessions.
+
+The same code serves a milvus-lite file (the default, ``memory.uri = runs/memory.db``) and a
+Milvus standalone/cluster (``AGEMEM_MEMORY__URI=http://host:19530``). Everything here is
+synchronous; the service calls it from worker threads.
+
+Filter expressions are built only from values this project generates (hex memory ids, session ids)
+or that were checked against :data:`SAFE_TOKEN` (memory types): milvus-lite does not support
+``filter_params`` templates, so nothing a client sends is ever spliced into an expression raw.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
+
+from agemem.memory.base import MemoryItem, MemoryUnavailableError
+from agemem.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+# Milvus' hard cap on rows returned by one query.
+QUERY_LIMIT = 16384
+_CONTENT_MAX = 65535
+_FIELDS = ["id", "session_id", "content", "memory_type", "metadata", "created_at", "updated_at"]
+_URI_SETTING = "AGEMEM_MEMORY__URI"
+
+
+class MemoryStoreLockedError(MemoryUnavailableError):
+    """The milvus-lite file is owned by another process."""
+
+
+class MemoryNotFoundError(KeyError):
+    """No memory with this id in this session."""
+
+
+def _is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+
+def _quote(value: str) -> str:
+    if not SAFE_TOKEN.match(value):
+        raise ValueError(f"unsafe filter value {value[:80]!r}")
+    return f'"{value}"'
+
+
+def _lite_lock_holder(path: str) -> bool:
+    """True when another process holds milvus-lite's lock on ``path`` (asks milvus-lite itself)."""
+    try:
+        from milvus_lite.db import MilvusLite
+        from milvus_lite.exceptions import DataDirLockedError
+    except ImportError:
+        return False
+    try:
+        probe = MilvusLite(path)
+    except DataDirLockedError:
+        return True
+    except Exception:  # noqa: BLE001 - any other failure is not a lock problem; caller reports its own error
+        return False
+    probe.close()
+    return False
+
+
+def connect(uri: str, *, token: str | None = None, timeout_s: float = 5.0) -> MilvusClient:
+    """A ``MilvusClient`` for ``uri``, or ONE clear :class:`MemoryUnavailableError`."""
+    if not _is_remote(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return MilvusClient(uri=uri, token=token or "", timeout=timeout_s)
+    except MilvusException as exc:
+        if not _is_remote(uri) and _lite_lock_holder(uri):
+            raise MemoryStoreLockedError(
+                f"the milvus-lite store {uri!r} is locked by another process: one tool-server process must own "
+                "it (point other processes at that server with memory.server_url, or use another "
+                f"{_URI_SETTING})"
+            ) from None
+        raise MemoryUnavailableError(
+            f"cannot connect to Milvus at {uri!r} within {timeout_s:g}s ({exc.message or type(exc).__name__}); "
+            f"check the setting {_URI_SETTING} (memory.uri)"
+        ) from None
+
+
+class MilvusMemoryStore:
+    """Memories (one collection, session id as partition key) and sessions (a small second collection)."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        dim: int,
+        collection: str = "agemem_memories",
+        token: str | None = None,
+        timeout_s: float = 5.0,
+        flush_interval_s: float = 0.5,
+        flush_rows: int = 256,
+    ) -> None:
+        self.uri = uri
+        self.dim = dim
+        self.collection = collection
+        self.sessions_collection = f"{collection}_sessions"
+        self._flush_interval_s = flush_interval_s
+        self._flush_rows = flush_rows
+        self._unflushed: dict[str, int] = {}
+        self._flush_timer: threading.Timer | None = None
+        self._flush_lock = threading.Lock()
+        self._closed = False
+        self._client = connect(uri, token=token, timeout_s=timeout_s)
+        self._ensure_collections()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, dim: int) -> MilvusMemoryStore:
+        mem = settings.memory
+        return cls(
+            settings.memory_uri,
+            dim=dim,
+            collection=mem.collection,
+            token=mem.token.get_secret_value() if mem.token else None,
+            timeout_s=mem.connect_timeout_s,
+            flush_interval_s=mem.flush_interval_s,
+            flush_rows=mem.flush_rows,
+        )
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def _ensure_collections(self) -> None:
+        c = self._client
+        if not c.has_collection(self.collection):
+            schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.VARCHAR, max_length=64, is_primary=True)
+            # Partition key: a session's search touches only its partition.
+            schema.add_field("session_id", DataType.VARCHAR, max_length=64, is_partition_key=True)
+            schema.add_field("content", DataType.VARCHAR, max_length=_CONTENT_MAX)
+            schema.add_field("memory_type", DataType.VARCHAR, max_length=64)
+            schema.add_field("metadata", DataType.JSON)
+            schema.add_field("created_at", DataType.DOUBLE)
+            schema.add_field("updated_at", DataType.DOUBLE)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+            index = c.prepare_index_params()
+            index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
+            # Strong: a Retrieve right after an Add must see it (matters on Milvus standalone).
+            c.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
+            logger.info("created memory collection %s (dim %d)", self.collection, self.dim)
+        else:
+            existing = self._vector_dim(self.collection)
+            if existing != self.dim:
+                raise ValueError(
+                    f"collection {self.collection!r} in {self.uri!r} holds {existing}-dim vectors but the embedder "
+                    f"makes {self.dim}-dim ones; use another memory.collection or the original embedding model"
+                )
+        if not c.has_collection(self.sessions_collection):
+            schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("session_id", DataType.VARCHAR, max_length=64, is_primary=True)
+            schema.add_field("token_hash", DataType.VARCHAR, max_length=128)
+            schema.add_field("created_at", DataType.DOUBLE)
+            # Milvus needs a vector field in every collection; this one is never searched.
+            schema.add_field("unused_vector", DataType.FLOAT_VECTOR, dim=2)
+            index = c.prepare_index_params()
+            index.add_index("unused_vector", index_type="AUTOINDEX", metric_type="L2")
+            c.create_collection(
+                self.sessions_collection, schema=schema, index_params=index, consistency_level="Strong"
+            )
+        # After a restart the collections exist but are not loaded.
+        c.load_collection(self.collection)
+        c.load_collection(self.sessions_collection)
+
+    def _vector_dim(self, collection: str) -> int:
+        for field in self._client.describe_collection(collection)["fields"]:
+            if field["name"] == "vector":
+                return int(field["params"]["dim"])
+        raise ValueError(f"collection {collection!r} has no 'vector' field; it was not made by agemem")
+
+    # -- flushing -------------------------------------------------------------------------------
+
+    def _wrote(self, collection: str, rows: int) -> None:
+        """Record a write; flush now if many rows wait, else within ``flush_interval_s``."""
+        with self._flush_lock:
+            self._unflushed[collection] = self._unflushed.get(collection, 0) + rows
+            now = self._unflushed[collection] >= self._flush_rows or self._flush_interval_s == 0
+            if not now and self._flush_timer is None and not self._closed:
+                self._flush_timer = threading.Timer(self._flush_interval_s, self.flush)
+                self._flush_timer.daemon = True
+                self._flush_timer.start()
+        if now:
+            self.flush()
+
+    def flush(self) -> None:
+        """Seal pending writes so searches stay on the indexed fast path (unflushed is 10-45x slower)."""
+        with self._flush_lock:
+            pending = [name for name, rows in self._unflushed.items() if rows]
+            self._unflushed.clear()
+            self._flush_timer = None
+        for name in pending:
+            try:
+                self._client.flush(name)
+            except MilvusException as exc:  # a missed flush only costs speed, never data
+                logger.warning("flush of %s failed: %s", name, exc.message)
+
+    # -- memories -------------------------------------------------------------------------------
+
+    def add(self, session_id: str, items: list[MemoryItem], vectors: np.ndarray) -> None:
+        """Insert memories of one session (ids chosen by the caller)."""
+        if len(items) != len(vectors):
+            raise ValueError(f"{len(items)} memories but {len(vectors)} vectors")
+        rows = [self._row(session_id, item, vec) for item, vec in zip(items, vectors)]
+        if rows:
+            self._client.insert(self.collection, rows)
+            self._wrote(self.collection, len(rows))
+
+    def _row(self, session_id: str, item: MemoryItem, vector: np.ndarray) -> dict[str, Any]:
+        return {
+            "id": item.memory_id,
+            "session_id": session_id,
+            "content": item.content,
+            "memory_type": item.memory_type,
+            "metadata": item.metadata,
+            "created_at": item.created_at,
+            "updated_at": item.updated_at,
+            "vector": np.asarray(vector, dtype=np.float32).tolist(),
+        }
+
+    def get(self, session_id: str, memory_id: str) -> MemoryItem | None:
+        """The memory, or None when it does not exist in THIS session."""
+        if not SAFE_TOKEN.match(memory_id):
+            return None
+        rows = self._client.query(
+            self.collection,
+            filter=f"id == {_quote(memory_id)} and session_id == {_quote(session_id)}",
+            output_fields=_FIELDS,
+        )
+        return self._item(rows[0]) if rows else None
+
+    def update(
+        self,
+        session_id: str,
+        memory_id: str,
+        *,
+        content: str,
+        vector: np.ndarray,
+        metadata: dict[str, Any] | None = None,
+    ) -> MemoryItem:
+        """Replace content and vector, merge metadata. Raises :class:`MemoryNotFoundError`."""
+        current = self.get(session_id, memory_id)
+        if current is None:
+            raise MemoryNotFoundError(memory_id)
+        updated = current.model_copy(
+            update={
+                "content": content,
+                "metadata": {**current.metadata, **(metadata or {})},
+                "updated_at": time.time(),
+            }
+        )
+        self._client.upsert(self.collection, [self._row(session_id, updated, vector)])
+        self._wrote(self.collection, 1)
+        return updated
+
+    def delete(self, session_id: str, memory_id: str) -> bool:
+        """Delete one memory of this session; False when it is not there."""
+        if self.get(session_id, memory_id) is None:
+            return False
+        self._client.delete(
+            self.collection, filter=f"id == {_quote(memory_id)} and session_id == {_quote(session_id)}"
+        )
+        self._wrote(self.collection, 1)
+        return True
+
+    def search(
+        self, session_id: str, vector: np.ndarray, top_k: int, memory_type: str | None = None
+    ) -> list[MemoryItem]:
+        """This session's ``top_k`` nearest memories by cosine, best first (``score`` set)."""
+        expr = f"session_id == {_quote(session_id)}"
+        if memory_type is not None:
+            expr += f" and memory_type == {_quote(memory_type)}"
+        hits = self._client.search(
+            self.collection,
+            data=[np.asarray(vector, dtype=np.float32).tolist()],
+            limit=top_k,
+            filter=expr,
+            output_fields=_FIELDS,
+            search_params={"metric_type": "COSINE"},
+        )[0]
+        out = []
+        for hit in hits:
+            entity = hit.get("entity", hit)
+            out.append(self._item({**entity, "id": hit["id"]}, score=float(hit["distance"])))
+        return out
+
+    def list(self, session_id: str) -> list[MemoryItem]:
+        """All memories of a session, oldest first."""
+        rows = self._client.query(
+            self.collection, filter=f"session_id == {_quote(session_id)}", output_fields=_FIELDS, limit=QUERY_LIMIT
+        )
+        return sorted((self._item(r) for r in rows), key=lambda m: (m.created_at, m.memory_id))
+
+    def drop_session(self, session_id: str) -> None:
+        """Delete every memory of a session and the session itself."""
+        self._client.delete(self.collection, filter=f"session_id == {_quote(session_id)}")
+        self._client.delete(self.sessions_collection, filter=f"session_id == {_quote(session_id)}")
+        self._wrote(self.collection, 1)
+        self._wrote(self.sessions_collection, 1)
+
+    def count(self) -> int:
+        """Rows in the memory collection (all sessions)."""
+        rows = self._client.query(self.collection, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    @staticmethod
+    def _item(row: dict[str, Any], score: float | None = None) -> MemoryItem:
+        return MemoryItem(
+            memory_id=row["id"],
+            content=row["content"],
+            memory_type=row.get("memory_type") or "general",
+            metadata=row.get("metadata") or {},
+            created_at=float(row.get("created_at") or 0.0),
+            updated_at=float(row.get("updated_at") or 0.0),
+            score=score,
+        )
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def put_session(self, session_id: str, token_hash: str) -> None:
+        self._client.insert(
+            self.sessions_collection,
+            [{"session_id": session_id, "token_hash": token_hash, "created_at": time.time(), "unused_vector": [0, 0]}],
+        )
+        self._wrote(self.sessions_collection, 1)
+
+    def session_token_hash(self, session_id: str) -> str | None:
+        """The stored token hash, or None for an unknown session."""
+        if not SAFE_TOKEN.match(session_id):
+            return None
+        rows = self._client.query(
+            self.sessions_collection, filter=f"session_id == {_quote(session_id)}", output_fields=["token_hash"]
+        )
+        return rows[0]["token_hash"] if rows else None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush and close the client. milvus-lite keeps its file lock until the process exits."""
+        with self._flush_lock:
+            self._closed = True
+            timer, self._flush_timer = self._flush_timer, None
+        if timer is not None:
+            timer.cancel()
+        self.flush()
+        self._client.close()
+
+
+__all__ = [
+    "MemoryNotFoundError",
+    "MemoryStoreLockedError",
+    "MilvusMemoryStore",
+    "SAFE_TOKEN",
+    "connect",
+]

@@ -1,0 +1,71 @@
+"""``agemem train``: verl GRPO (GPUs, Ray) or the local trainer (CPU / one GPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from agemem.cli_common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+
+BackendOpt = Annotated[
+    Optional[str], typer.Option("--backend", "-b", help="'verl' or 'local' (default: settings train.backend).")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the resolved configuration (verl: composed with Hydra) and exit.")
+]
+EpisodesOpt = Annotated[
+    Optional[Path], typer.Option("--episodes", help="episodes.jsonl (default: <data.output_dir>/episodes.jsonl).")
+]
+RunIdOpt = Annotated[Optional[str], typer.Option("--mlflow-run-id", help="Attach metrics to this MLflow run.")]
+
+
+def train(
+    backend: BackendOpt = None,
+    dry_run: DryRunOpt = False,
+    episodes: EpisodesOpt = None,
+    profile: ProfileOpt = None,
+    sets: SetOpt = None,
+    mlflow_run_id: RunIdOpt = None,
+) -> None:
+    """GRPO training with verl or the local trainer."""
+    configure_logging()
+    settings = settings_from_cli(profile, sets)
+    chosen = backend or settings.train.backend
+    if chosen not in ("verl", "local"):
+        raise typer.BadParameter(f"backend must be 'verl' or 'local', got {chosen!r}", param_hint="--backend")
+    episodes_path = episodes or settings.path(settings.data.output_dir) / "episodes.jsonl"
+    if chosen == "verl":
+        from agemem.train.launch import run_verl
+
+        try:
+            run = run_verl(settings, None if dry_run else episodes_path, dry_run=dry_run, mlflow_run_id=mlflow_run_id,
+                           sink=typer.echo)
+        except (ValueError, FileNotFoundError) as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        except RuntimeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        if dry_run:
+            typer.echo("# verl overrides (composed against verl's ppo_trainer: OK)")
+            for item in run.overrides:
+                typer.echo(item)
+            typer.echo("# command")
+            typer.echo(" ".join(run.command[:3]) + " <overrides above>")
+        return
+    if dry_run:
+        typer.echo(json.dumps({"backend": "local", "episodes": str(episodes_path),
+                               "train": settings.train.model_dump(mode="json")}, indent=2))
+        return
+    if not episodes_path.exists():
+        raise typer.BadParameter(f"episodes file {episodes_path} does not exist (run `agemem data prepare` first)",
+                                 param_hint="--episodes")
+    from agemem.train.local import train_local
+
+    result = train_local(settings, episodes_path, mlflow_run_id=mlflow_run_id)
+    typer.echo(json.dumps({"checkpoint_dir": str(result.checkpoint_dir),
+                           "adapter_dir": str(result.adapter_dir) if result.adapter_dir else None,
+                           "steps": result.steps, "last": result.history[-1] if result.history else None},
+                          indent=2, default=str))

@@ -1,0 +1,209 @@
+"""Launch verl GRPO: tool server up, ``main_ppo`` on local Ray or ``ray job submit``, logs streamed.
+
+verl itself needs NVIDIA GPUs for rollout; everything before ``main_ppo`` (data, tool config,
+Hydra composition) runs anywhere, and ``dry_run=True`` stops right after composing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from agemem.settings import Settings, offline_env
+from agemem.train import verl_config
+from agemem.train.verl_config import VerlPaths
+
+logger = logging.getLogger(__name__)
+
+LineSink = Callable[[str], None]
+
+
+@dataclass
+class VerlRun:
+    """What a verl launch did (or, for a dry run, would do)."""
+
+    overrides: list[str]
+    command: list[str]
+    paths: VerlPaths
+    dry_run: bool
+    returncode: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def verl_work_dir(settings: Settings) -> Path:
+    return settings.runs_dir / "verl"
+
+
+def plan_paths(settings: Settings) -> VerlPaths:
+    """Where the launch writes its parquet, tool config and checkpoints."""
+    work = verl_work_dir(settings)
+    return VerlPaths(
+        train_files=work / "train.parquet",
+        val_files=work / "val.parquet",
+        tool_config=work / "tool_config.yaml",
+        agent_loop_config=work / "agent_loop.yaml",
+        checkpoint_dir=verl_config.checkpoint_dir(settings),
+    )
+
+
+def main_ppo_command(overrides: list[str], *, python: str | None = None) -> list[str]:
+    return [python or sys.executable, "-m", "verl.trainer.main_ppo", *overrides]
+
+
+def ray_submit_command(address: str, runtime_env: dict, inner: list[str], *, working_dir: Path | None) -> list[str]:
+    """``ray job submit`` streaming the job's logs (it waits for the job unless --no-wait)."""
+    env = dict(runtime_env)
+    if working_dir is not None:
+        env["working_dir"] = str(working_dir)
+    return ["ray", "job", "submit", "--address", address, "--runtime-env-json", json.dumps(env), "--", *inner]
+
+
+def prepare_inputs(settings: Settings, episodes_path: Path, paths: VerlPaths) -> None:
+    """Write train/val parquet, the tool config and the agent-loop registry for verl."""
+    from agemem.agent.verl_tools import write_tool_config
+    from agemem.data.episodes_io import read_episodes
+    from agemem.data.parquet import default_system_prompt, write_verl_parquet
+
+    episodes = read_episodes(Path(episodes_path))
+    if not episodes:
+        raise ValueError(f"no episodes in {episodes_path}")
+    train = [e for e in episodes if e.split == "train"] or episodes
+    val = [e for e in episodes if e.split != "train"] or train[:1]
+    prompt = default_system_prompt(settings)
+    write_verl_parquet(train, paths.train_files, verl_config.AGENT_NAME, system_prompt=prompt)
+    write_verl_parquet(val, paths.val_files, verl_config.AGENT_NAME, system_prompt=prompt)
+    write_tool_config(paths.tool_config, use_context_tools=settings.episode.use_context_tools)
+    verl_config.write_agent_loop_config(paths.agent_loop_config)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, *, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until the tool server's ``/healthz`` answers 200 (or the process dies / time runs out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"tool server exited with code {proc.returncode} before listening")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://{host}:{port}/healthz", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"tool server did not listen on {host}:{port} within {timeout_s:.0f}s")
+
+
+@contextlib.contextmanager
+def tool_server(settings: Settings, *, startup_timeout_s: float = 120.0) -> Iterator[str]:
+    """Yield the tool server URL: ``memory.server_url`` if set, else a ``agemem serve-tools`` subprocess."""
+    if settings.memory.server_url:
+        yield settings.memory.server_url
+        return
+    host = settings.memory.host
+    port = settings.memory.port or free_port(host)
+    env = offline_env()
+    env.update(
+        {
+            "AGEMEM_PROFILE": settings.profile,
+            "AGEMEM_RUNS_DIR": str(settings.runs_dir),
+            "AGEMEM_MEMORY__HOST": host,
+            "AGEMEM_MEMORY__PORT": str(port),
+            "AGEMEM_MEMORY__URI": settings.memory_uri,
+        }
+    )
+    cmd = [sys.executable, "-m", "agemem.cli", "serve-tools"]
+    logger.info("starting tool server: %s on %s:%d", " ".join(cmd), host, port)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        wait_for_port(host, port, timeout_s=startup_timeout_s, proc=proc)
+        yield f"http://{host}:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        logger.info("tool server stopped (code %s)", proc.returncode)
+
+
+def stream(cmd: list[str], *, env: dict[str, str], sink: LineSink) -> int:
+    """Run ``cmd``, passing every output line to ``sink``; returns the exit code."""
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sink(line.rstrip("\n"))
+        return proc.wait()
+
+
+def run_verl(
+    settings: Settings,
+    episodes_path: Path | None = None,
+    *,
+    dry_run: bool = False,
+    mlflow_run_id: str | None = None,
+    sink: LineSink | None = None,
+) -> VerlRun:
+    """Compose and (unless ``dry_run``) run verl GRPO training.
+
+    Dry run: builds and validates the overrides with Hydra's compose API; writes nothing and
+    needs neither episodes nor a GPU. Real run: writes inputs, starts the tool server, runs
+    ``main_ppo`` locally (``train.ray_address`` unset) or via ``ray job submit``, streams the
+    logs to ``sink`` and stops the server. Raises ``RuntimeError`` when training fails.
+    """
+    sink = sink or (lambda line: logger.info("verl | %s", line))
+    paths = plan_paths(settings)
+    model_path = None
+    if not dry_run:
+        if episodes_path is None:
+            raise ValueError("episodes_path is required unless dry_run")
+        prepare_inputs(settings, episodes_path, paths)
+        from agemem.train.tiny_model import is_tiny, materialise_tiny_model
+
+        if is_tiny(settings.train.model):
+            model_path = str(materialise_tiny_model(settings, verl_work_dir(settings) / "tiny-model"))
+    overrides = verl_config.build_overrides(settings, paths, model_path=model_path)
+    placeholder_url = settings.memory.server_url or f"http://{settings.memory.host}:{settings.memory.port}"
+    runtime_env = verl_config.ray_runtime_env(settings, memory_server_url=placeholder_url, mlflow_run_id=mlflow_run_id)
+    local = settings.train.ray_address is None
+    full = overrides + (verl_config.runtime_env_overrides(runtime_env) if local else [])
+    cfg = verl_config.compose(full)
+    verl_config.check_composed(cfg)
+    if dry_run:
+        return VerlRun(overrides=full, command=main_ppo_command(full), paths=paths, dry_run=True)
+
+    with tool_server(settings) as url:
+        runtime_env = verl_config.ray_runtime_env(settings, memory_server_url=url, mlflow_run_id=mlflow_run_id)
+        env = offline_env()
+        env.update(runtime_env["env_vars"])
+        if local:
+            full = overrides + verl_config.runtime_env_overrides(runtime_env)
+            cmd = main_ppo_command(full)
+        else:
+            full = overrides
+            cmd = ray_submit_command(
+                settings.train.ray_address, runtime_env, main_ppo_command(overrides, python="python"), working_dir=None
+            )
+        logger.info("launching verl (%s): %d overrides", "local Ray" if local else settings.train.ray_address, len(full))
+        code = stream(cmd, env=env, sink=sink)
+    run = VerlRun(overrides=full, command=cmd, paths=paths, dry_run=False, returncode=code, env=runtime_env["env_vars"])
+    if code != 0:
+        raise RuntimeError(f"verl training failed with exit code {code} (command: {' '.join(cmd[:4])} ...)")
+    return run
+
+
+__all__ = ["VerlRun", "main_ppo_command", "plan_paths", "ray_submit_command", "run_verl", "tool_server"]

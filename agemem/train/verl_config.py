@@ -1,0 +1,229 @@
+"""verl 0.9.1 configuration: Hydra overrides built from settings, and their validation.
+
+The overrides are the single source of truth for a verl run: ``launch`` passes them to
+``python -m verl.trainer.main_ppo`` and ``--dry-run`` composes them with Hydra's compose API
+against verl's own ``ppo_trainer`` config, so a typo in a key fails here and not on a GPU node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agemem.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+AGENT_NAME = "staged_memory_agent"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+AGENT_LOOP_YAML = CONF_DIR / "agent_loop.yaml"
+
+
+@dataclass(frozen=True)
+class VerlPaths:
+    """Files a verl run reads or writes (all absolute)."""
+
+    train_files: Path
+    val_files: Path
+    tool_config: Path
+    agent_loop_config: Path = AGENT_LOOP_YAML
+    checkpoint_dir: Path | None = None
+
+
+def reward_function_path() -> Path:
+    """The file verl loads ``compute_score`` from (``reward.custom_reward_function.path``)."""
+    import agemem
+
+    return Path(agemem.__file__).resolve().parent / "reward" / "score.py"
+
+
+def checkpoint_dir(settings: Settings) -> Path:
+    """Absolute ``trainer.default_local_dir``: verl's auto-resume needs an absolute path."""
+    return settings.path(settings.train.output_dir).resolve() / "verl"
+
+
+def build_overrides(settings: Settings, paths: VerlPaths, *, model_path: str | None = None) -> list[str]:
+    """verl Hydra overrides for GRPO with the staged memory agent loop.
+
+    ``model_path`` replaces ``settings.train.model`` (the launcher passes the materialised
+    tiny model's directory there for the smoke profile).
+    """
+    t, ep = settings.train, settings.episode
+    ckpt = (paths.checkpoint_dir or checkpoint_dir(settings)).resolve()
+    model = model_path or t.model
+    lora = t.lora_rank > 0
+    rollouts = t.tasks_per_batch * t.rollouts_per_prompt
+    # Segments add rows beyond tasks*n; a mini-batch of whole prompts keeps GRPO groups together.
+    overrides: dict[str, Any] = {
+        "algorithm.adv_estimator": "grpo",
+        "algorithm.use_kl_in_reward": False,
+        "algorithm.norm_adv_by_std_in_grpo": True,
+        "data.train_files": str(paths.train_files.resolve()),
+        "data.val_files": str(paths.val_files.resolve()),
+        "data.train_batch_size": t.tasks_per_batch,
+        "data.max_prompt_length": t.max_prompt_length,
+        "data.max_response_length": t.max_response_length,
+        "data.filter_overlong_prompts": True,
+        "data.truncation": "error",
+        "data.return_raw_chat": True,
+        "data.seed": t.seed,
+        "actor_rollout_ref.model.path": model,
+        "actor_rollout_ref.model.use_remove_padding": True,
+        "actor_rollout_ref.model.enable_gradient_checkpointing": True,
+        "actor_rollout_ref.model.lora_rank": t.lora_rank,
+        "actor_rollout_ref.model.lora_alpha": t.lora_alpha,
+        "actor_rollout_ref.model.target_modules": t.lora_target_modules,
+        "actor_rollout_ref.actor.optim.lr": t.lr,
+        "actor_rollout_ref.actor.optim.clip_grad": t.grad_clip,
+        "actor_rollout_ref.actor.grad_clip": t.grad_clip,
+        "actor_rollout_ref.actor.ppo_epochs": t.ppo_epochs,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": t.tasks_per_batch,
+        "actor_rollout_ref.actor.use_dynamic_bsz": True,
+        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": t.ppo_max_token_len_per_gpu,
+        "actor_rollout_ref.actor.use_kl_loss": True,
+        "actor_rollout_ref.actor.kl_loss_coef": t.kl_coef,
+        "actor_rollout_ref.actor.kl_loss_type": t.kl_loss_type,
+        "actor_rollout_ref.actor.clip_ratio": t.clip_ratio,
+        "actor_rollout_ref.actor.loss_agg_mode": "token-mean",
+        "actor_rollout_ref.rollout.name": t.rollout_engine,
+        "actor_rollout_ref.rollout.mode": "async",
+        "actor_rollout_ref.rollout.n": t.rollouts_per_prompt,
+        "actor_rollout_ref.rollout.temperature": ep.temperature,
+        "actor_rollout_ref.rollout.top_p": ep.top_p,
+        "actor_rollout_ref.rollout.tensor_model_parallel_size": t.rollout_tp,
+        "actor_rollout_ref.rollout.gpu_memory_utilization": t.gpu_memory_utilization,
+        "actor_rollout_ref.rollout.calculate_log_probs": True,
+        "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz": True,
+        "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu": t.ppo_max_token_len_per_gpu,
+        "actor_rollout_ref.rollout.multi_turn.enable": True,
+        "actor_rollout_ref.rollout.multi_turn.max_parallel_calls": t.max_parallel_calls,
+        "actor_rollout_ref.rollout.multi_turn.max_tool_response_length": t.max_tool_response_length,
+        "actor_rollout_ref.rollout.multi_turn.tool_config_path": str(paths.tool_config.resolve()),
+        "actor_rollout_ref.rollout.agent.agent_loop_config_path": str(paths.agent_loop_config.resolve()),
+        "actor_rollout_ref.rollout.agent.default_agent_loop": AGENT_NAME,
+        "actor_rollout_ref.rollout.agent.num_workers": t.agent_workers,
+        "actor_rollout_ref.ref.log_prob_use_dynamic_bsz": True,
+        "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu": t.ppo_max_token_len_per_gpu,
+        "reward.custom_reward_function.path": str(reward_function_path()),
+        "reward.custom_reward_function.name": "compute_score",
+        "trainer.logger": ["console", "mlflow"],
+        "trainer.project_name": settings.tracking.experiment,
+        "trainer.experiment_name": t.experiment_name,
+        "trainer.n_gpus_per_node": t.n_gpus_per_node,
+        "trainer.nnodes": t.nnodes,
+        "trainer.total_epochs": t.total_epochs,
+        "trainer.total_training_steps": t.total_steps,
+        "trainer.save_freq": t.save_every,
+        "trainer.test_freq": -1,
+        "trainer.val_before_train": False,
+        "trainer.default_local_dir": str(ckpt),
+        "trainer.resume_mode": "auto",
+    }
+    if lora:
+        # vLLM must load adapter weights by safetensors; 'dummy' would drop the LoRA sync.
+        overrides["actor_rollout_ref.rollout.load_format"] = "safetensors"
+        overrides["actor_rollout_ref.rollout.layered_summon"] = True
+    out = {key: _hydra_value(value) for key, value in overrides.items()}
+    # settings.train.extra_overrides win over ours; Hydra rejects the same key given twice.
+    for pair in t.extra_overrides:
+        if "=" not in pair:
+            raise ValueError(f"train.extra_overrides entry {pair!r} must look like key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value
+    logger.debug("verl overrides for %d rollouts per step", rollouts)
+    return [f"{key}={value}" for key, value in out.items()]
+
+
+def _hydra_value(value: Any) -> str:
+    """Render a Python value as a Hydra override value (lists, bools, paths with '=' quoted)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    text = str(value)
+    if any(ch in text for ch in " ,=[]{}'\"") and not isinstance(value, (int, float)):
+        return "'" + text.replace("'", "\\'") + "'"
+    return text
+
+
+def verl_config_dir() -> Path:
+    """verl's own ``trainer/config`` directory (where ``ppo_trainer.yaml`` lives)."""
+    import verl
+
+    return Path(verl.__file__).resolve().parent / "trainer" / "config"
+
+
+def compose(overrides: list[str]) -> Any:
+    """Compose verl's ``ppo_trainer`` with ``overrides`` (raises on an unknown key or bad value).
+
+    Returns the composed ``DictConfig``. Uses Hydra's compose API, so nothing is launched.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    # A previous compose in this process leaves Hydra initialised; compose is re-entrant only after clear().
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(verl_config_dir()), version_base=None):
+        cfg = hydra_compose(config_name="ppo_trainer", overrides=list(overrides))
+    return cfg
+
+
+def check_composed(cfg: Any) -> None:
+    """Checks verl itself does only at launch time, on facts this project relies on."""
+    from omegaconf import OmegaConf
+
+    required = {
+        "reward.custom_reward_function.name": "compute_score",
+        "actor_rollout_ref.rollout.agent.default_agent_loop": AGENT_NAME,
+        "trainer.resume_mode": "auto",
+    }
+    for key, expected in required.items():
+        got = OmegaConf.select(cfg, key)
+        if got != expected:
+            raise ValueError(f"verl config {key}={got!r}, expected {expected!r}")
+    local_dir = OmegaConf.select(cfg, "trainer.default_local_dir")
+    if not os.path.isabs(str(local_dir)):
+        raise ValueError(f"trainer.default_local_dir must be absolute for resume, got {local_dir!r}")
+
+
+def ray_runtime_env(settings: Settings, *, memory_server_url: str | None, mlflow_run_id: str | None) -> dict[str, Any]:
+    """Environment every Ray worker needs: the tool server URL, MLflow run, offline hub flags."""
+    env: dict[str, str] = {
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "AGEMEM_PROFILE": settings.profile,
+        "AGEMEM_RUNS_DIR": str(settings.runs_dir),
+    }
+    if memory_server_url:
+        env["AGEMEM_MEMORY__SERVER_URL"] = memory_server_url
+    if settings.memory.server_token is not None:
+        env["AGEMEM_MEMORY__SERVER_TOKEN"] = settings.memory.server_token.get_secret_value()
+    if mlflow_run_id:
+        env["MLFLOW_RUN_ID"] = mlflow_run_id
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return {"env_vars": env}
+
+
+def runtime_env_overrides(runtime_env: dict[str, Any]) -> list[str]:
+    """The runtime env as ``+ray_kwargs...`` overrides (verl's local ``ray.init`` reads them)."""
+    return [
+        f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}={_hydra_value(value)}"
+        for key, value in sorted(runtime_env["env_vars"].items())
+    ]
+
+
+def write_agent_loop_config(path: Path) -> Path:
+    """Write the agent-loop registry YAML verl reads (``agent_loop_config_path``)."""
+    entries = [{"name": AGENT_NAME, "_target_": "agemem.agent.verl_loop.StagedMemoryAgentLoop"}]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(entries, sort_keys=False))
+    return path

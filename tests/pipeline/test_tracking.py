@@ -1,0 +1,70 @@
+"""MLflow tracking: runs, params, registration idempotence and the champion gate (real sqlite store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from agemem import tracking
+from agemem.settings import load_settings
+
+
+def test_pipeline_and_stage_runs_carry_params_and_mask_secrets(runs_dir: Path) -> None:
+    settings = load_settings("smoke", {"runs_dir": str(runs_dir), "llm": {"api_key": "sk-very-secret"}})
+    parent = tracking.start_pipeline_run(settings)
+    with tracking.stage_run(settings, parent, "evaluate") as child:
+        tracking.log_metrics(settings, child, {"judge_score": 0.5, "bad": float("nan"), "name": "x"})
+    with pytest.raises(RuntimeError), tracking.stage_run(settings, parent, "train"):
+        raise RuntimeError("boom")
+    tracking.end_run(settings, parent)
+    client = MlflowClient(settings.tracking_uri)
+    params = client.get_run(parent).data.params
+    assert params["train.lr"] == str(settings.train.lr)
+    assert params["llm.api_key"] != "sk-very-secret" and "secret" not in str(params)
+    runs = client.search_runs([client.get_experiment_by_name("agemem").experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent}'")
+    by_stage = {r.data.tags["agemem.stage"]: r for r in runs}
+    assert by_stage["evaluate"].data.metrics == {"judge_score": 0.5}
+    assert by_stage["evaluate"].info.status == "FINISHED"
+    assert by_stage["train"].info.status == "FAILED"
+
+
+def test_registration_is_idempotent_and_gated(tracking_settings, tiny_adapter, tmp_path: Path) -> None:
+    s = tracking_settings
+    a1, m1 = tiny_adapter(tmp_path / "one", 1)
+    a2, m2 = tiny_adapter(tmp_path / "two", 2)
+    a3, m3 = tiny_adapter(tmp_path / "three", 3)
+    run = tracking.start_pipeline_run(s)
+
+    first = tracking.register_model(s, adapter_dir=a1, model_dir=m1, metrics={"judge_score": 0.5}, run_id=run)
+    assert first.version == "1" and not first.reused
+    assert first.aliases == ["candidate", "champion"] and first.champion_moved
+    assert first.tags["eval.judge_score"] == "0.5"
+
+    again = tracking.register_model(s, adapter_dir=a1, model_dir=m1, metrics={"judge_score": 0.5}, run_id=run)
+    assert again.reused and again.version == "1" and not again.champion_moved
+    client = MlflowClient(s.tracking_uri)
+    assert len(client.search_model_versions("name='agemem-policy'")) == 1
+
+    worse = tracking.register_model(s, adapter_dir=a2, model_dir=m2, metrics={"judge_score": 0.4}, run_id=run)
+    assert worse.version == "2" and worse.aliases == ["candidate"] and not worse.champion_moved
+    assert str(client.get_model_version_by_alias("agemem-policy", "champion").version) == "1"
+
+    better = tracking.register_model(s, adapter_dir=a3, model_dir=m3, metrics={"judge_score": 0.6}, run_id=run)
+    assert better.champion_moved and better.previous_champion == "1"
+    assert set(better.aliases) == {"candidate", "champion"}
+
+    version, local = tracking.resolve_alias(s, "champion")
+    assert version == "3" and (local / "config.json").is_file()
+    assert tracking.content_hash([a3, m3]) == better.content_sha256
+
+
+def test_register_rejects_a_directory_that_is_not_an_adapter(tracking_settings, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        tracking.register_model(tracking_settings, adapter_dir=tmp_path, metrics={})
+
+
+def test_flatten_nested_settings() -> None:
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": None}}, "e": []}) == {"a.b": "1", "a.c.d": "", "e": "[]"}

@@ -1,0 +1,81 @@
+"""Settings: profiles, precedence (overrides > env > profile > defaults), clear errors, masked secrets."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from agemem.settings import PROFILES, load_settings, parse_overrides
+
+
+def test_profiles_carry_the_reference_values() -> None:
+    paper = load_settings("paper")
+    assert paper.train.model == "Qwen/Qwen2.5-7B-Instruct"
+    assert (paper.train.rollouts_per_prompt, paper.train.tasks_per_batch) == (8, 16)
+    assert (paper.train.lora_rank, paper.train.lora_alpha, paper.train.lr) == (32, 32, 1e-5)
+    assert paper.data.distractor_messages == 3
+    assert paper.episode.stage1_max_rounds == paper.episode.stage2_max_rounds == paper.episode.stage3_max_rounds == 5
+    assert (paper.episode.temperature, paper.episode.max_context_tokens) == (0.6, 8192)
+    assert paper.train.max_response_length == 2048
+    assert paper.train.n_gpus_per_node == 8
+    smoke = load_settings("smoke")
+    assert smoke.data.source == "sample" and smoke.train.backend == "local" and smoke.train.n_gpus_per_node == 0
+
+
+def test_env_beats_profile_and_overrides_beat_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGEMEM_TRAIN__LR", "3e-5")
+    monkeypatch.setenv("AGEMEM_PROFILE", "paper")
+    s = load_settings()
+    assert s.profile == "paper" and s.train.lr == 3e-5
+    # Env changed one key of a section: the profile's other keys in that section survive.
+    assert s.train.lora_rank == 32
+    s = load_settings("smoke", ["train.lr=5e-5", "data.limit=3"])
+    assert (s.profile, s.train.lr, s.data.limit) == ("smoke", 5e-5, 3)
+    assert s.train.model == PROFILES["smoke"]["train"]["model"]
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [("train.lr=abc", "train.lr"), ("episode.temperature=-1", "episode.temperature"), ("nope.key=1", "nope")],
+)
+def test_malformed_value_names_the_key(override: str, names: str) -> None:
+    with pytest.raises(ValueError, match=names.replace(".", r"\.")):
+        load_settings("smoke", [override])
+
+
+def test_malformed_env_value_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGEMEM_MEMORY__PORT", "not-a-port")
+    with pytest.raises(ValueError, match=r"memory\.port"):
+        load_settings("smoke")
+
+
+def test_unknown_profile_is_refused() -> None:
+    with pytest.raises(ValueError, match="profile"):
+        load_settings("huge")
+
+
+def test_override_syntax_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_overrides(["train.lr"])
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-very-secret")
+    monkeypatch.setenv("AGEMEM_MEMORY__SERVER_TOKEN", "tok-very-secret")
+    s = load_settings("paper")
+    assert s.secret_for(s.llm) == "sk-very-secret"
+    dumped = json.dumps(s.public_dict())
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("agemem.test").info("settings %s %r", s, s)
+    for text in (dumped, repr(s), caplog.text):
+        assert "very-secret" not in text
+
+
+def test_runs_dir_moves_every_default_path(tmp_path) -> None:
+    s = load_settings("smoke", {"runs_dir": str(tmp_path)})
+    assert s.path(s.data.output_dir) == tmp_path / "data"
+    assert s.memory_uri == str(tmp_path / "memory.db")
+    assert s.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
