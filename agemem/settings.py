@@ -226,7 +226,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": {"source": "sample", "limit": 8, "distractor_messages": 2},
         "episode": {
-            "max_context_tokens": 2048,
+            # System prompt (~760 tokens) + the longest shipped stage-1 message (~1,900) must fit,
+            # or stage 1 overflows before the first model call; costs ~10% more smoke time.
+            "max_context_tokens": 4096,
             "stage1_max_rounds": 2,
             "stage2_max_rounds": 1,
             "stage3_max_rounds": 2,
@@ -241,7 +243,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "lr": 1e-4,
             "lora_rank": 8,
             "lora_alpha": 16,
-            "max_prompt_length": 2048,
+            "max_prompt_length": 4096,
             "max_response_length": 256,
             "n_gpus_per_node": 0,
         },

@@ -59,8 +59,16 @@ def configure(settings: "Settings") -> "MlflowClient":
     uri = settings.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri
     if uri.startswith("sqlite:"):
         settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    # mlflow.set_*_uri also export MLFLOW_*_URI; left there, the first store configured would
+    # shadow the settings of every later call in this process (read above as the user's choice).
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = settings.tracking.experiment
     if client.get_experiment_by_name(name) is None:

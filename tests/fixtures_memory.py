@@ -12,25 +12,19 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import httpx
 import pytest
 
 from agemem.memory.client import HttpMemoryClient, InProcessMemoryClient
+from agemem.memory.process import free_port, start_server_process, stop_server_process
 from agemem.memory.service import MemoryService
-from agemem.settings import Settings, load_settings, offline_env
-
-REPO = Path(__file__).resolve().parents[1]
-
+from agemem.settings import Settings, load_settings
 
 class ToolServer(NamedTuple):
     base_url: str
@@ -95,50 +89,5 @@ async def http_memory_client(tool_server: ToolServer) -> AsyncIterator[HttpMemor
     await client.aclose()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server_process(
-    uri: str | Path, *, port: int | None = None, extra: list[str] | None = None, timeout_s: float = 120.0
-) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m agemem.memory.commands`` on loopback over ``uri``; returns once /healthz answers."""
-    port = port or free_port()
-    cmd = [
-        sys.executable, "-m", "agemem.memory.commands",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--set", f"memory.uri={uri}",
-        *(extra or []),
-    ]  # fmt: skip
-    env = offline_env()
-    env = {k: v for k, v in env.items() if not k.startswith("AGEMEM_")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            raise RuntimeError(f"tool server exited with {proc.returncode}:\n{out[-3000:]}")
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=1.0).status_code == 200:
-                return proc, base_url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_server_process(proc)
-    raise RuntimeError(f"tool server did not answer on {base_url} within {timeout_s}s")
-
-
-def stop_server_process(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> str:
-    """Stop the server (SIGTERM, then SIGKILL) and return its output."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout_s)
-    return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+# The subprocess helpers live in the package so the benchmarks share them.
+__all__ = ["ToolServer", "free_port", "memory_settings", "serve_in_thread", "start_server_process", "stop_server_process"]

@@ -5,6 +5,9 @@
 * ``tiny_adapter``: a function writing a real PEFT LoRA adapter (and the merged HF model) of a
   tiny Qwen2 into a directory; ``seed`` changes the weights and therefore the content hash.
 * ``tracking_settings``: smoke settings with a fresh sqlite MLflow store under the test's runs dir.
+* ``tiny_pipeline_overrides``: the flows' ``overrides`` list for a fast pipeline (TINY_TRAIN's
+  model and episodes, 4 records, 2 eval questions) under the test's runs dir; ``as_pairs`` turns
+  a nested settings dict into such a list.
 """
 
 from __future__ import annotations
@@ -53,3 +56,24 @@ def tiny_adapter() -> Callable[[Path, int], tuple[Path, Path]]:
 @pytest.fixture
 def tracking_settings(runs_dir: Path) -> Settings:
     return load_settings("smoke", {"runs_dir": str(runs_dir)})
+
+
+def as_pairs(nested: dict, prefix: str = "") -> list[str]:
+    """``{"train": {"lr": 0.1}}`` -> ``["train.lr=0.1"]`` (the flows' ``overrides`` parameter)."""
+    import json
+
+    pairs: list[str] = []
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            pairs += as_pairs(value, f"{prefix}{key}.")
+        else:
+            pairs.append(f"{prefix}{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return pairs
+
+
+@pytest.fixture
+def tiny_pipeline_overrides(runs_dir: Path) -> list[str]:
+    """Overrides for a fast pipeline: TINY_TRAIN's model and episodes, 4 records, 2 eval questions."""
+    from tests.fixtures_train import TINY_TRAIN
+
+    return as_pairs(TINY_TRAIN) + [f"runs_dir={runs_dir}", "data.limit=4", "eval.limit=2", "eval.concurrency=2"]

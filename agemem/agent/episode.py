@@ -207,6 +207,13 @@ class _Run:
         self._rewritten("overflow")
 
     # -- generation ---------------------------------------------------------------------------
+    def _count_pending(self) -> None:
+        """Count the messages injected since the last model turn as this stage's injected tokens
+        (chat mode and the first turn of a new segment; otherwise the segment's delta is counted)."""
+        if self.pending:
+            ids = self.e.tokenizer.delta_ids(self.pending, last_response_ids=[])
+            self.stats.add_tokens(self.stage, injected=len(ids))
+
     async def _generate(self) -> str:
         self._enforce_budget()
         if self.mode == "chat":
@@ -214,6 +221,7 @@ class _Run:
             text = await self.policy.chat(self.ctx.messages(), dict(self.sampling))
             self.generate_s += time.perf_counter() - start
             text = text if isinstance(text, str) else str(text or "")
+            self._count_pending()
             self.pending = []
             self.stats.add_tokens(self.stage, model=len(self.e.tokenizer.encode(text)))
             return text
@@ -222,6 +230,7 @@ class _Run:
             self.segment = Segment(self.e.tokenizer.prompt_ids(self.ctx.messages()),
                                    reason=self.dirty_reason or "start", stage=self.stage)
             self.dirty_reason = None
+            self._count_pending()
         else:
             delta = self._delta if self._delta is not None else self.e.tokenizer.delta_ids(
                 self.pending, last_response_ids=self.segment.response_ids)

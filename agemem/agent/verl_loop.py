@@ -53,11 +53,14 @@ async def build_engine(settings: Settings, *, tokenizer: Any, memory: Any | None
         memory = build_memory_client(settings)
         closers.append(memory.aclose)
     llm = build_llm_client(settings, "llm")
-    judge = Judge.from_settings(settings)
+    engine = EpisodeEngine(settings, tokenizer=tokenizer, memory=memory, llm=llm)
+    # The judge embeds through the engine's per-text cache: GRPO siblings share the gold sentences
+    # and mostly the same stored facts, so memory quality is embedded once per group, not per rollout.
+    judge = Judge.from_settings(settings, encode=engine.embed.encode)
+    engine.judge = judge
     closers.append(llm.aclose)
     if judge.client is not None and judge.client is not llm:
         closers.append(judge.client.aclose)
-    engine = EpisodeEngine(settings, tokenizer=tokenizer, memory=memory, llm=llm, judge=judge)
     return engine, closers
 
 

@@ -52,8 +52,8 @@ def render_markdown(
         parts += [markdown_table(["setting", "value"], [[k, v] for k, v in meta.items()]), ""]
     parts += ["## Aggregates", "", markdown_table(
         ["metric", "value"], [[label, aggregates.get(key, 0.0)] for key, label in _HEADLINE])]
-    parts += ["", "## Tokens per stage (mean per question)", "", markdown_table(
-        ["stage", "model tokens", "injected tokens"],
+    parts += ["", "## Prompt tokens per stage (mean per question)", "", markdown_table(
+        ["stage", "model tokens", "injected prompt tokens"],
         [[s, aggregates.get(f"model_tokens_stage{s}", 0.0), aggregates.get(f"injected_tokens_stage{s}", 0.0)]
          for s in ("1", "2", "3")])]
     tools = sorted((k.split(".", 1)[1], v) for k, v in aggregates.items() if k.startswith("tools."))

@@ -9,10 +9,11 @@ store fails. Client input never produces any other 5xx.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from typing import Any
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pymilvus.exceptions import MilvusException
@@ -39,10 +40,12 @@ _STATUS_FOR_ERROR = {
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, without buffering them.
+    """Refuse request bodies over ``max_bytes`` with 413.
 
-    A declared Content-Length is checked before anything is read; a chunked body is counted as
-    it streams and cut off once it passes the limit.
+    A declared Content-Length is checked before anything is read. Otherwise the body is read
+    here, at most ``max_bytes + 1`` bytes of it, before the app runs, then replayed to the app:
+    FastAPI turns any exception raised while it reads a body into a 400, so a streamed (chunked)
+    body that is cut off mid-read could not come back as 413. Memory stays bounded by the limit.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -62,37 +65,30 @@ class BodySizeLimit:
             if too_big:
                 await self._refuse(send)
                 return
+        chunks: list[bytes] = []
         seen = 0
-        refused = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen, refused
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    refused = True
-                    raise _BodyTooLarge()
-            return message
-
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
+            if message["type"] != "http.request":  # client went away: nothing to answer
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
                 await self._refuse(send)
-        except Exception:
-            if refused and not started:
-                await self._refuse(send)
-            else:
-                raise
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         response = JSONResponse(
@@ -100,10 +96,6 @@ class BodySizeLimit:
             status_code=status.HTTP_413_CONTENT_TOO_LARGE,
         )
         await response({"type": "http"}, _no_receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 async def _no_receive() -> Message:  # pragma: no cover - JSONResponse never reads
@@ -164,13 +156,32 @@ def create_app(service: MemoryService, settings: Settings) -> FastAPI:
     @app.post(
         "/sessions/{session_id}/tools/{tool_name}",
         response_model=ToolResult,
-        responses={404: {"description": "unknown session or tool"}, 413: {}, 422: {}},
+        responses={
+            404: {"description": "unknown session or tool"},
+            413: {"description": "content or body too large"},
+            422: {"description": "malformed JSON, wrong types or missing arguments"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "The tool's arguments as a JSON object.",
+                "content": {"application/json": {"schema": {"type": "object", "additionalProperties": True}}},
+            }
+        },
     )
     async def call_tool(
         tool_name: str,
-        arguments: dict[str, Any] = Body(..., description="The tool's arguments as a JSON object."),
+        request: Request,
         session: MemorySession = Depends(session_for),
     ) -> Any:
+        # Parsed here, not by FastAPI: it answers 400 for a body that is not UTF-8 or nests too
+        # deep, and the contract says malformed JSON is a 422 with a message.
+        try:
+            arguments = json.loads(await request.body())
+        except (ValueError, RecursionError) as exc:
+            text = f"{tool_name[:60]}: the request body is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})"
+            result = ToolResult(ok=False, text=text, data={"error": INVALID_ARGUMENTS})
+            return JSONResponse({**result.model_dump(), "detail": text}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
         result = await service.run_tool(session.session_id, tool_name, arguments)
         code = _STATUS_FOR_ERROR.get(result.data.get("error", ""), status.HTTP_200_OK) if not result.ok else 200
         if code == status.HTTP_200_OK:

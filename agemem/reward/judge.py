@@ -82,19 +82,26 @@ class Judge:
         self.fallbacks = 0
 
     @classmethod
-    def from_settings(cls, settings: "Settings", client: LLMClient | None = None) -> "Judge":
+    def from_settings(
+        cls,
+        settings: "Settings",
+        client: LLMClient | None = None,
+        *,
+        encode: Callable[[list[str]], np.ndarray] | None = None,
+    ) -> "Judge":
+        """``encode`` replaces the settings' embedder (e.g. the episode engine's per-text cache)."""
         from agemem.llm import build_llm_client
 
         cfg = settings.judge
 
-        def encode(texts: list[str]) -> np.ndarray:
+        def embed(texts: list[str]) -> np.ndarray:
             from agemem.memory.embedder import get_embedder
 
             return get_embedder(settings.memory.embedding_model, settings.memory.embedding_device).encode(texts)
 
         return cls(
             client if client is not None else build_llm_client(settings, "judge"),
-            encode=encode,
+            encode=encode or embed,
             parse_retries=cfg.parse_retries,
             cache=cfg.cache,
             offline_metric=cfg.offline_metric,

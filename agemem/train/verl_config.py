@@ -7,6 +7,7 @@ against verl's own ``ppo_trainer`` config, so a typo in a key fails here and not
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -194,10 +195,52 @@ def check_composed(cfg: Any) -> None:
         raise ValueError(f"trainer.default_local_dir must be absolute for resume, got {local_dir!r}")
 
 
+# Settings sections the agent-loop workers build their episode engine from (agemem.agent.verl_loop).
+WORKER_SECTIONS = ("episode", "memory", "llm", "judge")
+
+
+def _env_value(value: Any) -> str:
+    """A settings value as pydantic-settings reads it back from an env var (complex values as JSON)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return str(value)
+
+
+def worker_settings_env(settings: Settings) -> dict[str, str]:
+    """``AGEMEM_<SECTION>__<FIELD>`` for every worker-read value that differs from the profile.
+
+    Ray workers rebuild settings from their environment (``load_settings()``), so without this a
+    ``--set episode.max_turn_tokens=...`` or an override in code would reach the driver only and the
+    rollouts would silently run with the profile's values. Secrets are never copied into the runtime
+    env (it is visible in Ray's dashboard and job metadata): workers read them from their own env.
+    """
+    from pydantic import SecretStr
+
+    from agemem.settings import ENV_PREFIX, PROFILES
+
+    env: dict[str, str] = {}
+    profile = PROFILES.get(settings.profile, {})
+    for name in WORKER_SECTIONS:
+        section = getattr(settings, name)
+        # The profile's values over the field defaults, without reading this process's env.
+        baseline = type(section)(**profile.get(name, {}))
+        for field in type(section).model_fields:
+            value, base = getattr(section, field), getattr(baseline, field)
+            if value == base or value is None or isinstance(value, SecretStr):
+                continue
+            dumped = section.model_dump(mode="json", include={field})[field]
+            env[f"{ENV_PREFIX}{name.upper()}__{field.upper()}"] = _env_value(dumped)
+    return env
+
+
 def ray_runtime_env(settings: Settings, *, memory_server_url: str | None, mlflow_run_id: str | None) -> dict[str, Any]:
-    """Environment every Ray worker needs: the tool server URL, MLflow run, offline hub flags."""
+    """Environment every Ray worker needs: the settings the driver runs with (profile plus what
+    differs from it), the tool server URL, MLflow run, offline hub flags."""
     env: dict[str, str] = {
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        **worker_settings_env(settings),
         "AGEMEM_PROFILE": settings.profile,
         "AGEMEM_RUNS_DIR": str(settings.runs_dir),
     }
@@ -215,10 +258,18 @@ def ray_runtime_env(settings: Settings, *, memory_server_url: str | None, mlflow
 
 def runtime_env_overrides(runtime_env: dict[str, Any]) -> list[str]:
     """The runtime env as ``+ray_kwargs...`` overrides (verl's local ``ray.init`` reads them)."""
+    # Always quoted: Ray accepts only string env values, and Hydra would turn 1024 or true into int/bool.
     return [
-        f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}={_hydra_value(value)}"
+        f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}='{_quoted(str(value))}'"
         for key, value in sorted(runtime_env["env_vars"].items())
     ]
+
+
+def _quoted(text: str) -> str:
+    """Escape ``text`` for a single-quoted Hydra string (backslashes before a quote, the quote itself)."""
+    import re
+
+    return re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
 
 
 def write_agent_loop_config(path: Path) -> Path:

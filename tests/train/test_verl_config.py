@@ -84,3 +84,28 @@ def test_cli_dry_run_paper_prints_composed_overrides(runs_dir: Path, monkeypatch
     assert "actor_rollout_ref.rollout.n=8" in result.output
     assert "reward.custom_reward_function.name=compute_score" in result.output
     assert not (runs_dir / "verl" / "train.parquet").exists()  # a dry run writes nothing
+
+
+def test_ray_workers_rebuild_the_drivers_settings_from_the_runtime_env(
+    runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agent-loop workers call load_settings() on their env: every driver override must arrive intact."""
+    driver = load_settings("paper", {
+        "runs_dir": str(runs_dir),
+        "episode": {"max_turn_tokens": 77, "use_context_tools": False, "reward_overrides": {"w_answer": 0.5}},
+        "llm": {"model": "it's a \\'quoted\\' name", "api_key": "sk-secret"},
+        "judge": {"backend": "offline"},
+    })
+    env = verl_config.ray_runtime_env(driver, memory_server_url="http://127.0.0.1:9", mlflow_run_id=None)
+    assert "sk-secret" not in str(env)  # secrets come from the workers' own environment
+    cfg = verl_config.compose(verl_config.build_overrides(driver, plan_paths(driver))
+                              + verl_config.runtime_env_overrides(env))
+    worker_env = OmegaConf.to_container(cfg.ray_kwargs.ray_init.runtime_env.env_vars)
+    assert all(isinstance(v, str) for v in worker_env.values())  # Ray rejects non-string env values
+    for key, value in worker_env.items():
+        monkeypatch.setenv(key, value)
+    worker = load_settings()
+    for section in verl_config.WORKER_SECTIONS:
+        mine, theirs = getattr(driver, section), getattr(worker, section)
+        assert mine.model_dump(exclude={"api_key", "server_url"}) == theirs.model_dump(exclude={"api_key", "server_url"})
+    assert worker.memory.server_url == "http://127.0.0.1:9" and worker.profile == "paper"

@@ -9,12 +9,12 @@ worker loading our ``compute_score`` from the configured file.
 from __future__ import annotations
 
 import asyncio
+import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from agemem.agent.context import ChatTokenizer
 from agemem.agent.scripted import ScriptedTokenPolicy
@@ -40,11 +40,23 @@ class RecordingServerManager(ScriptedTokenPolicy):
         return out
 
 
-@pytest.fixture
-def verl_cfg(runs_dir: Path):
-    settings = load_settings("smoke", {"runs_dir": str(runs_dir), "train": {"max_response_length": 4096}})
+# The scripted agent writes whole tool calls (a stage-1 reply of five Add_memory calls is ~250
+# tokens); the smoke profile's 24-token turn cap is sized for the tiny random model and would cut
+# every call in half, so the run is configured the way a user would: an override on the driver.
+LOOP_OVERRIDES = {"train": {"max_response_length": 4096}, "episode": {"max_turn_tokens": 1024}}
+
+
+def compose_for(runs_dir: Path, server_url: str | None = None) -> Any:
+    """verl's composed config for the smoke profile plus LOOP_OVERRIDES, with the Ray runtime env."""
+    settings = load_settings("smoke", {"runs_dir": str(runs_dir), **LOOP_OVERRIDES})
     overrides = verl_config.build_overrides(settings, plan_paths(settings), model_path=str(TOKENIZER_DIR))
-    return verl_config.compose(overrides)
+    env = verl_config.ray_runtime_env(settings, memory_server_url=server_url, mlflow_run_id=None)
+    return verl_config.compose(overrides + verl_config.runtime_env_overrides(env))
+
+
+@pytest.fixture
+def verl_cfg(runs_dir: Path) -> Any:
+    return compose_for(runs_dir)
 
 
 def make_loop(cfg: Any, tokenizer: Any, server_manager: Any) -> StagedMemoryAgentLoop:
@@ -58,16 +70,32 @@ def make_loop(cfg: Any, tokenizer: Any, server_manager: Any) -> StagedMemoryAgen
 
 
 async def test_siblings_run_three_stages_with_own_sessions_masks_and_reward(
-    verl_cfg: Any, train_tool_server: Any, train_scripts: list[EpisodeScript], tmp_path: Path,
+    runs_dir: Path, train_tool_server: Any, train_scripts: list[EpisodeScript], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from omegaconf import OmegaConf
     from transformers import AutoTokenizer
     from verl import DataProto
     from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 
-    monkeypatch.setenv("AGEMEM_MEMORY__SERVER_URL", train_tool_server.url)
-    monkeypatch.setenv("AGEMEM_RUNS_DIR", str(train_tool_server.settings.runs_dir))
+    verl_cfg = compose_for(runs_dir, train_tool_server.url)
+    # A Ray worker's environment is exactly the composed runtime env (verl passes it to ray.init);
+    # the loop rebuilds its settings from it, so driver overrides must travel in it.
+    worker_env = OmegaConf.to_container(verl_cfg.ray_kwargs.ray_init.runtime_env.env_vars)
+    assert worker_env["AGEMEM_EPISODE__MAX_TURN_TOKENS"] == "1024"
+    for key, value in worker_env.items():
+        monkeypatch.setenv(key, str(value))
+    service = train_tool_server.service
+    created: list[str] = []
+    real_create = service.create_session
+
+    async def recording_create_session():  # the real call, remembered (the server looks it up per request)
+        session = await real_create()
+        created.append(session.session_id)
+        return session
+
+    monkeypatch.setattr(service, "create_session", recording_create_session)
     script = train_scripts[0]
     row = read_verl_parquet(write_verl_parquet([script], tmp_path / "t.parquet"))[0]
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
@@ -103,19 +131,23 @@ async def test_siblings_run_three_stages_with_own_sessions_masks_and_reward(
             assert "<tool_call>" not in injected  # model text never sits under mask 0
         # mask 1 exactly on the tokens the model generated, in order
         assert model_tokens == manager.generated[stats["trajectory_id"]]
-    # sessions deleted afterwards: nothing left in the store
-    assert train_tool_server.service.store.count() == 0
+    # one memory session per sibling rollout, each deleted afterwards with its memories
+    assert len(created) == 2 and len(set(created)) == 2
+    assert all(service.store.session_token_hash(sid) is None for sid in created)
+    assert service.store.count() == 0
 
     # Reward: verl's own reward loop worker loads compute_score from reward.custom_reward_function.path,
     # and the DataProto is built by verl's AgentLoopWorker._compute_score from our outputs.
     verl_cfg.actor_rollout_ref.model.tokenizer_path = str(TOKENIZER_DIR)
     reward_worker = RewardLoopWorker(verl_cfg)
+    assert type(reward_worker.reward_manager).__name__ == "NaiveRewardManager"  # verl's default manager
 
     class InlineHandle:  # Ray's actor-method call shape, run in this process (no Ray cluster in unit tests)
         class compute_score:  # noqa: N801
             @staticmethod
             def remote(data: DataProto):
-                return reward_worker.compute_score(data)
+                # Ray pickles the argument; so do we (the manager mutates extra_info in place).
+                return reward_worker.compute_score(pickle.loads(pickle.dumps(data)))
 
     worker = AgentLoopWorker.__new__(AgentLoopWorker)
     worker.reward_loop_worker_handles = [InlineHandle]
@@ -130,7 +162,6 @@ async def test_siblings_run_three_stages_with_own_sessions_masks_and_reward(
         assert outs[-1].reward_score == pytest.approx(info["score"])
         rewards.append(outs[-1].reward_score)
     assert all(np.isfinite(rewards))
-    del torch
 
 
 def test_outputs_truncate_to_verl_lengths(verl_cfg: Any) -> None:

@@ -1,0 +1,138 @@
+"""Evaluation flows: ``evaluate`` (a checkpoint, an endpoint or the scripted policy) and
+``evaluate_champion`` (the nightly check of the registry's champion).
+
+Evaluation calls the judge (an LLM endpoint in the paper profile), so the task retries with
+exponential backoff; inside it, a judge that times out or answers garbage is retried by the LLM
+client, then scored offline and flagged per question (``judge_fallback``), so a flaky judge slows
+a run down but never hangs or fails it. Evaluation is not cached: it is what a nightly run is for.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.artifacts import create_markdown_artifact
+
+from flows.common import OUTSIDE_RETRIES, load, stage
+
+EVAL_REPORT_KEY = "agemem-eval-report"
+CHAMPION_REPORT_KEY = "agemem-champion-eval"
+
+
+@task(name="evaluate-policy", cache_policy=NO_CACHE, **OUTSIDE_RETRIES)
+def evaluate_task(settings: Any, episodes: str, model_path: str | None = None,
+                  output_dir: str | None = None) -> dict[str, Any]:
+    """Run the episode engine over the evaluation episodes; returns aggregates and report paths."""
+    from agemem.eval.runner import ROWS_FILE, evaluate
+
+    result = evaluate(settings, Path(episodes), model_path=Path(model_path) if model_path else None,
+                      output_dir=Path(output_dir) if output_dir else None)
+    return {"aggregates": result.aggregates, "report": str(result.report_path), "plot": str(result.plot_path),
+            "rows": str(result.output_dir / ROWS_FILE), "output_dir": str(result.output_dir), "label": result.label}
+
+
+def _log_eval(settings: Any, run_ids: list[str | None], out: dict[str, Any]) -> None:
+    from agemem import tracking
+
+    for run_id in filter(None, run_ids):
+        tracking.log_metrics(settings, run_id, {f"eval.{k}": v for k, v in out["aggregates"].items()})
+    if run_ids and run_ids[0]:
+        report = Path(out["report"])
+        tracking.log_artifacts(settings, run_ids[0], [report, Path(out["plot"]), Path(out["rows"]),
+                                                      report.with_name("aggregates.json")], "eval")
+
+
+def _publish(out: dict[str, Any], key: str, description: str) -> None:
+    create_markdown_artifact(Path(out["report"]).read_text(encoding="utf-8"), key=key, description=description)
+
+
+def _episodes_or_default(settings: Any, episodes: str | None) -> str:
+    from agemem.data.distractors import episodes_path_for
+    from agemem.data.prepare import scripts_path
+
+    path = episodes or str(episodes_path_for(scripts_path(settings)))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no episodes file; run the synthesize-distractors flow first")
+    return path
+
+
+@flow(name="evaluate")
+def evaluate(profile: str = "smoke", overrides: list[str] | None = None, model_path: str | None = None,
+             episodes: str | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Evaluate ``model_path`` (or ``eval.policy``) on the eval episodes; publishes the report."""
+    logger = get_run_logger()
+    settings = load(profile, overrides)
+    path = _episodes_or_default(settings, episodes)
+    with stage(settings, parent_run_id, "evaluate") as run_id:
+        out = evaluate_task(settings, path, model_path)
+        _log_eval(settings, [run_id, parent_run_id], out)
+    agg = out["aggregates"]
+    if agg.get("judge_fallbacks"):
+        logger.warning("%d of %d answers were scored by the offline fallback (judge unavailable or unparseable)",
+                       int(agg["judge_fallbacks"]), int(agg.get("n", 0)))
+    logger.info("evaluated %s: J=%.3f EM=%.3f F1=%.3f MQ=%.3f; report %s", out["label"], agg.get("judge_score", 0.0),
+                agg.get("em", 0.0), agg.get("f1", 0.0), agg.get("memory_quality", 0.0), out["report"])
+    _publish(out, EVAL_REPORT_KEY, f"Evaluation of {out['label']}")
+    return {**out, "mlflow_run_id": run_id}
+
+
+@flow(name="evaluate-champion")
+def evaluate_champion(profile: str = "smoke", overrides: list[str] | None = None, alias: str = "champion") -> dict:
+    """Nightly: download ``<tracking.registered_model>@alias``, evaluate it, record the result.
+
+    The data steps run as cached subflows (nothing is rebuilt when inputs are unchanged). The
+    metrics go to an MLflow run tagged with the version, and onto the version as
+    ``nightly.<metric>`` tags (the gate's ``eval.*`` tags from registration are left alone).
+    """
+    from agemem import tracking
+    from flows.data import prepare_data, synthesize_distractors
+
+    logger = get_run_logger()
+    settings = load(profile, overrides)
+    version, model_dir = _resolve(settings, alias)
+    logger.info("evaluating %s v%s (@%s) from %s", settings.tracking.registered_model, version, alias, model_dir)
+    scripts = prepare_data(profile, overrides)
+    data = synthesize_distractors(profile, overrides, scripts=scripts["scripts"])
+    with stage(settings, None, f"evaluate-{alias}") as run_id:
+        client = tracking.configure(settings)
+        client.set_tag(run_id, "agemem.model_version", version)
+        client.set_tag(run_id, "agemem.alias", alias)
+        out = evaluate_task(settings, data["episodes"], str(model_dir))
+        _log_eval(settings, [run_id], out)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        name = settings.tracking.registered_model
+        for key in ("judge_score", "em", "f1", "memory_quality", "judge_fallbacks"):
+            if key in out["aggregates"]:
+                client.set_model_version_tag(name, version, f"nightly.{key}", repr(float(out["aggregates"][key])))
+        client.set_model_version_tag(name, version, "nightly.at", stamp)
+    _publish(out, CHAMPION_REPORT_KEY, f"Nightly evaluation of {name} v{version} (@{alias})")
+    return {**out, "version": version, "alias": alias, "mlflow_run_id": run_id}
+
+
+@task(name="resolve-alias", cache_policy=NO_CACHE, **OUTSIDE_RETRIES)
+def _resolve_task(settings: Any, alias: str) -> tuple[str, str]:
+    from agemem import tracking
+
+    version, path = tracking.resolve_alias(settings, alias)
+    return version, str(path)
+
+
+def _resolve(settings: Any, alias: str) -> tuple[str, Path]:
+    from agemem import tracking
+
+    # A missing alias is not transient: say so at once instead of retrying it three times.
+    client = tracking.configure(settings)
+    try:
+        client.get_model_version_by_alias(settings.tracking.registered_model, alias)
+    except Exception as exc:  # noqa: BLE001 - MlflowException: no such model or alias
+        raise LookupError(f"registered model {settings.tracking.registered_model!r} has no alias {alias!r} in "
+                          f"{tracking.resolved_uri(settings)}; run the pipeline first") from exc
+    version, path = _resolve_task(settings, alias)
+    return version, Path(path)
+
+
+__all__ = ["CHAMPION_REPORT_KEY", "EVAL_REPORT_KEY", "evaluate", "evaluate_champion", "evaluate_task"]

@@ -1,0 +1,81 @@
+"""Issue 7 §2: a pipeline killed during training, then re-run, resumes where it stopped (slow).
+
+``agemem pipeline`` runs as a subprocess on Prefect's ephemeral API (its own PREFECT_HOME). When
+the first training checkpoint appears, the whole process group (the ephemeral Prefect server and
+the milvus-lite server included) gets SIGKILL. The re-run must take the data steps from the
+Prefect cache and continue training from step 1 instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_pipeline import as_pairs
+from tests.fixtures_train import TINY_TRAIN
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+AGEMEM = str(Path(sys.executable).with_name("agemem"))
+
+
+def _command(runs_dir: Path) -> list[str]:
+    pairs = as_pairs(TINY_TRAIN) + [f"runs_dir={runs_dir}", "data.limit=4", "eval.limit=2", "train.total_steps=3"]
+    cmd = [AGEMEM, "pipeline", "--profile", "smoke"]
+    for pair in pairs:
+        cmd += ["--set", pair]
+    return cmd
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def test_killed_during_training_resumes_from_checkpoint_with_cached_data(tmp_path: Path) -> None:
+    runs_dir = tmp_path / "runs"
+    first_ckpt = runs_dir / "checkpoints" / "local" / "step_000001" / "trainer_state.pt"
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(_command(runs_dir), cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 480
+        while not first_ckpt.exists():
+            assert proc.poll() is None, f"pipeline ended before its first checkpoint:\n{(tmp_path / 'first.log').read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "no training checkpoint within 8 minutes"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no cleanup code gets to run
+        proc.wait(timeout=60)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = sorted(p.name for p in first_ckpt.parents[1].glob("step_*"))
+    assert ckpts and ckpts[-1] < "step_000003", ckpts
+    first_state_mtime = first_ckpt.stat().st_mtime_ns
+
+    rerun = subprocess.run(_command(runs_dir), cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                           timeout=600)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-6000:]
+    assert "scripts.jsonl (cached: not redone)" in out and "episodes.jsonl (cached: not redone)" in out
+    assert "resuming from" in out and ("(step 1)" in out or "(step 2)" in out)
+    assert "step 1/3" not in out  # step 1 was not trained again
+    summary = json.loads(out[out.index('{\n  "metrics"'): out.index("\n}\n") + 2])
+    assert summary["cached"] == {"prepare_data": True, "synthesize_distractors": True, "train": False}
+    assert (first_ckpt.parents[1] / "step_000003" / "trainer_state.pt").is_file()
+    assert first_ckpt.stat().st_mtime_ns == first_state_mtime or not first_ckpt.exists()  # pruned or untouched
+    assert "Registered model: agemem-policy v1 aliases candidate, champion" in out
+    history = [json.loads(line)["step"] for line in
+               (first_ckpt.parents[1] / "metrics.jsonl").read_text().splitlines()]
+    assert history == [1, 2, 3]
