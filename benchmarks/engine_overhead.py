@@ -100,7 +100,7 @@ async def main(args: argparse.Namespace) -> None:
 
     from agemem.agent.context import ChatTokenizer
     from agemem.agent.scripted import ScriptedTokenPolicy, episode_from_raw
-    from agemem.agent.verl_loop import build_engine, run_episode
+    from agemem.agent.runner import build_engine, run_episode
     from agemem.assets import SAMPLE_DATA
     from agemem.settings import load_settings
     from agemem.train.local import resolve_device

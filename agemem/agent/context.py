@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -269,18 +270,21 @@ class EmbeddingCache:
         self._encode = encode
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._max = max_items
+        # The judge encodes from a worker thread while the event loop's engine encodes too.
+        self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            for text, vec in zip(missing, np.asarray(self._encode(list(missing)), dtype=np.float32)):
-                self._cache[text] = vec
-        out = []
-        for t in texts:
-            self._cache.move_to_end(t)
-            out.append(self._cache[t])
-        while len(self._cache) > self._max:
-            self._cache.popitem(last=False)
+        with self._lock:
+            missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+            if missing:
+                for text, vec in zip(missing, np.asarray(self._encode(list(missing)), dtype=np.float32)):
+                    self._cache[text] = vec
+            out = []
+            for t in texts:
+                self._cache.move_to_end(t)
+                out.append(self._cache[t])
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
         if not out:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack(out)

@@ -24,6 +24,7 @@ Behaviour worth knowing:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -45,6 +46,12 @@ if TYPE_CHECKING:
     from agemem.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+# Memory calls that may run together when consecutive and of the SAME name: adds never read
+# what another add wrote, retrieves only read. A retrieve after an add (or an update/delete
+# of an id added earlier in the reply) must see the earlier call, so mixed runs stay sequential.
+_BATCHABLE = frozenset({T.ADD, T.RETRIEVE})
 
 
 class EpisodeEnded(Exception):
@@ -276,7 +283,23 @@ class _Run:
 
     async def _run_memory_tool(self, v: T.Validated) -> None:
         args = T.memory_call_arguments(v, self.stage)
-        outcome, result = await self._memory_call(v.name, args)
+        self._memory_outcome(v, args, *await self._memory_call(v.name, args))
+
+    async def _run_memory_batch(self, batch: list[T.Validated]) -> None:
+        """Independent memory calls of one reply at once, so the embedder batches their texts.
+
+        Results enter the statistics and the context in call order, after all have finished, so
+        every event and tool message is what the sequential loop would have produced.
+        """
+        args = [T.memory_call_arguments(v, self.stage) for v in batch]
+        done = await asyncio.gather(*(self._memory_call(v.name, a) for v, a in zip(batch, args)),
+                                    return_exceptions=True)
+        for v, a, res in zip(batch, args, done):
+            if isinstance(res, BaseException):
+                raise res  # as the sequential loop would have, at the same call
+            self._memory_outcome(v, a, *res)
+
+    def _memory_outcome(self, v: T.Validated, args: dict[str, Any], outcome: str, result: ToolResult | None) -> None:
         if result is None:
             text = f"[tool error] {v.name}: the memory service is unavailable; try again later"
         elif v.name == T.RETRIEVE:
@@ -356,22 +379,37 @@ class _Run:
         self.stats.tool_calls_ignored_in_think += parsed.ignored_in_think
         calls = parsed.tool_calls
         limit = self.cfg.max_tool_calls_per_turn
+        batch: list[T.Validated] = []
         for call in calls[:limit]:
             v = T.validate_call(call, allowed=self.allowed, default_top_k=self.e.settings.memory.default_top_k)
+            if v.ok and v.name in _BATCHABLE and (not batch or batch[0].name == v.name):
+                batch.append(v)
+                continue
+            await self._flush(batch)
+            batch = []
             if not v.ok:
                 outcome = "disabled" if "disabled" in (v.error or "") else "error"
                 self._record(v.name, outcome, call.arguments if isinstance(call.arguments, dict) else {},
                              v.error or "")
                 self._tool_message(f"[tool error] {v.error}")
+            elif v.name in _BATCHABLE:
+                batch = [v]
             elif v.name in T.MEMORY_TOOL_NAMES:
                 await self._run_memory_tool(v)
             else:
                 await self._run_context_tool(v)
+        await self._flush(batch)
         for call in calls[limit:]:
             self._record(str(call.name)[:60], "skipped", {}, "too many calls")
         if len(calls) > limit:
             self._tool_message(f"[tool error] only the first {limit} tool calls of a reply are executed; "
                                f"{len(calls) - limit} skipped")
+
+    async def _flush(self, batch: list[T.Validated]) -> None:
+        if len(batch) == 1:
+            await self._run_memory_tool(batch[0])
+        elif batch:
+            await self._run_memory_batch(batch)
 
     async def _auto_retrieve(self, query: str) -> None:
         """Ablation without context tools: retrieve for every injected user message (reference s. 8)."""

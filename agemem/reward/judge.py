@@ -8,6 +8,7 @@ gold supporting sentences. Judge results are cached by (question, gold, predicti
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections import OrderedDict
@@ -186,7 +187,8 @@ class Judge:
         gold = [s.strip() for s in supporting_sentences if s and s.strip()]
         if not gold:
             return MemoryQuality(score=1.0 if not memories else 0.0, source="no_gold")
-        offline = self._offline_memory_quality(list(memories), gold)
+        # Embedding is synchronous CPU work: off the event loop, so other rollouts keep going.
+        offline = await asyncio.to_thread(self._offline_memory_quality, list(memories), gold)
         if self.offline:
             return offline
         shown = "\n".join(f"- {m[:300]}" for m in list(memories)[:20]) or "(none)"

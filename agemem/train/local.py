@@ -28,7 +28,6 @@ import numpy as np
 from agemem.data.records import EpisodeScript
 from agemem.settings import Settings
 from agemem.train import checkpoint as ckpt
-from agemem.train import grpo
 from agemem.train.token_server import LocalTokenServer
 
 logger = logging.getLogger(__name__)
@@ -143,7 +142,7 @@ class LocalTrainer:
     # -- rollouts -----------------------------------------------------------------------------
 
     async def rollouts(self, engine: Any, scripts: list[EpisodeScript], step: int) -> list[Rollout]:
-        from agemem.agent.verl_loop import run_episode
+        from agemem.agent.runner import run_episode
         from agemem.data.parquet import DATA_SOURCE
         from agemem.reward.score import compute_score
 
@@ -169,6 +168,10 @@ class LocalTrainer:
 
     def update(self, rollouts: list[Rollout]) -> dict[str, float]:
         import torch
+
+        # grpo wraps verl's core_algos; imported here so importing this module (the CLI, flows,
+        # evaluation) does not pay verl's import.
+        from agemem.train import grpo
 
         t = self.settings.train
         advantages = grpo.trajectory_advantages([r.reward for r in rollouts], [r.group for r in rollouts])
@@ -248,7 +251,7 @@ class LocalTrainer:
         return out
 
     async def run(self) -> TrainResult:
-        from agemem.agent.verl_loop import build_engine
+        from agemem.agent.runner import build_engine
 
         t = self.settings.train
         engine, closers = await build_engine(self.settings, tokenizer=self.tokenizer)

@@ -165,3 +165,18 @@ def test_unlabelled_episodes_are_refused(eval_settings, train_scripts, tmp_path)
     write_episodes([train_scripts[0].model_copy(update={"gold_answer": None})], path)
     with pytest.raises(ValueError, match="no gold answer"):
         evaluate(eval_settings, path, output_dir=tmp_path / "x")
+
+
+def test_openai_endpoint_policy(eval_settings, eval_episodes, fake_openai, tmp_path) -> None:
+    """An OpenAI-compatible endpoint (real HTTP, the real openai SDK) as the evaluated policy."""
+    fake_openai.reply = "<think>I know this.</think>\n<answer>Scott Derrickson</answer>"
+    settings = _with(eval_settings, policy="openai", model=fake_openai.model, base_url=fake_openai.base_url,
+                     api_key="test-key", limit=1)
+    result = evaluate(settings, eval_episodes, output_dir=tmp_path / "endpoint")
+    row = result.rows[0]
+    assert result.label == f"openai:{fake_openai.model}" and row["error"] is None
+    assert row["prediction"] == "Scott Derrickson" and row["em"] == 1.0 and row["judge_score"] == 1.0
+    # One request per model turn, each carrying the conversation so far (the question last).
+    assert fake_openai.count >= 3
+    assert eval_settings.episode.temperature == fake_openai.requests[0]["temperature"]
+    assert row["question"] in json.dumps(fake_openai.requests[-1]["messages"], ensure_ascii=False)
