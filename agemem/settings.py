@@ -365,7 +365,12 @@ class Settings(BaseSettings):
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.tracking_uri or f"sqlite:///{self.runs_dir / 'mlflow.db'}"
+        """``tracking.tracking_uri``, else MLflow's own ``MLFLOW_TRACKING_URI``, else sqlite under runs_dir."""
+        return (
+            self.tracking.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{self.runs_dir / 'mlflow.db'}"
+        )
 
     def secret_for(self, section: LLMSettings) -> str | None:
         """The API key for an LLM section; DashScope falls back to DASHSCOPE_API_KEY."""

@@ -56,7 +56,7 @@ def configure(settings: "Settings") -> "MlflowClient":
     import mlflow
     from mlflow import MlflowClient
 
-    uri = settings.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri
+    uri = settings.tracking_uri
     if uri.startswith("sqlite:"):
         settings.runs_dir.mkdir(parents=True, exist_ok=True)
     # mlflow.set_*_uri also export MLFLOW_*_URI; left there, the first store configured would
@@ -80,10 +80,6 @@ def configure(settings: "Settings") -> "MlflowClient":
             if client.get_experiment_by_name(name) is None:
                 raise
     return client
-
-
-def resolved_uri(settings: "Settings") -> str:
-    return settings.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -186,7 +182,7 @@ def log_artifacts(settings: "Settings", run_id: str, paths: list[Path], artifact
 
 def run_url(settings: "Settings", run_id: str) -> str:
     """A human pointer to a run: the UI URL on a server, the store and id otherwise."""
-    uri = resolved_uri(settings)
+    uri = settings.tracking_uri
     client = configure(settings)
     exp_id = client.get_run(run_id).info.experiment_id
     if uri.startswith("http"):
@@ -410,7 +406,7 @@ def resolve_alias(settings: "Settings", alias: str = CHAMPION) -> tuple[str, Pat
     name = settings.tracking.registered_model
     version = _alias_version(client, name, alias)
     if version is None:
-        raise LookupError(f"registered model {name!r} has no alias {alias!r} in {resolved_uri(settings)}")
+        raise LookupError(f"registered model {name!r} has no alias {alias!r} in {settings.tracking_uri}")
     dest = settings.runs_dir / "registry" / f"{name}-v{version.version}"
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(dest)))
     arts = local / "artifacts"

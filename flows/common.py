@@ -51,14 +51,12 @@ def load(profile: str, overrides: Sequence[str] | None = None, **extra: str | No
     """Settings from flow parameters; ``extra`` adds ``key=value`` pairs after the overrides."""
     from agemem.settings import load_settings
 
-    from agemem.tracking import resolved_uri
-
     pairs = list(overrides or [])
     pairs += [f"{key}={value}" for key, value in extra.items() if value is not None]
     settings = load_settings(profile, pairs)
     # Pin the store (MLFLOW_TRACKING_URI applies when tracking.tracking_uri is unset) so every
     # stage, the trainer included, logs to the same place.
-    tracking = settings.tracking.model_copy(update={"tracking_uri": resolved_uri(settings)})
+    tracking = settings.tracking.model_copy(update={"tracking_uri": settings.tracking_uri})
     return settings.model_copy(update={"tracking": tracking})
 
 

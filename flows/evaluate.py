@@ -130,7 +130,7 @@ def _resolve(settings: Any, alias: str) -> tuple[str, Path]:
         client.get_model_version_by_alias(settings.tracking.registered_model, alias)
     except Exception as exc:  # noqa: BLE001 - MlflowException: no such model or alias
         raise LookupError(f"registered model {settings.tracking.registered_model!r} has no alias {alias!r} in "
-                          f"{tracking.resolved_uri(settings)}; run the pipeline first") from exc
+                          f"{settings.tracking_uri}; run the pipeline first") from exc
     version, path = _resolve_task(settings, alias)
     return version, Path(path)
 

@@ -38,7 +38,7 @@ def agemem_pipeline(profile: str = "smoke", overrides: list[str] | None = None, 
     timings: dict[str, float] = {}
     parent = tracking.start_pipeline_run(settings, tags={"prefect.flow_run_id": str(flow_run.id or ""),
                                                          "agemem.backend": settings.train.backend})
-    logger.info("MLflow pipeline run %s (%s)", parent, tracking.resolved_uri(settings))
+    logger.info("MLflow pipeline run %s (%s)", parent, settings.tracking_uri)
     try:
         with timed(timings, "prepare_data"):
             scripts = prepare_data(profile, pairs, parent_run_id=parent)
@@ -62,7 +62,7 @@ def agemem_pipeline(profile: str = "smoke", overrides: list[str] | None = None, 
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
         "mlflow_run_id": parent,
         "mlflow_run": tracking.run_url(settings, parent),
-        "tracking_uri": tracking.resolved_uri(settings),
+        "tracking_uri": settings.tracking_uri,
         "model": {"name": reg["name"], "version": reg["version"], "aliases": reg["aliases"],
                   "uri": reg["model_uri"], "reused": reg["reused"], "gate": reg["gate"]},
         "metrics": {k: evaluated["aggregates"].get(k) for k in HEADLINE},

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from agemem.data.episodes_io import read_json, write_episodes, write_json
 from agemem.data.hotpot import load_records, resolve_source
 from agemem.data.records import EpisodeScript
-from agemem.data.scripts import build_script
+from agemem.data.scripts import build_script, ensure_eval_split
 
 if TYPE_CHECKING:
     from agemem.settings import Settings
@@ -124,6 +124,7 @@ def prepare_scripts(
         scripts.append(build_script(rec, settings))
         if progress and (i % 1000 == 0 or i == len(records)):
             progress("scripts", 1000 if i % 1000 == 0 else i % 1000)
+    scripts = ensure_eval_split(scripts, settings.data.eval_fraction)
     t2 = time.perf_counter()
     digest = write_episodes(scripts, out)
     stats = {

@@ -52,3 +52,16 @@ def test_split_is_stable_and_close_to_fraction() -> None:
     assert 0.17 < share < 0.23
     assert all(split_for(i, 0.0) == "train" for i in ids[:100])
     assert [split_for(i, 0.2) for i in ids[:50]] == [split_for(i, 0.2) for i in ids[:50]]
+
+
+def test_small_sets_always_get_an_eval_split(runs_dir) -> None:
+    from agemem.data.scripts import ensure_eval_split
+
+    settings = _settings(runs_dir)
+    scripts = [build_script(rec, settings) for rec in load_records(settings)]
+    all_train = [s.model_copy(update={"split": "train"}) for s in scripts]
+    fixed = ensure_eval_split(all_train, 0.2)
+    assert sum(s.split == "eval" for s in fixed) == 2  # ceil(8 * 0.2)
+    assert [s.record_id for s in fixed] == [s.record_id for s in scripts]  # order and content kept
+    assert ensure_eval_split(fixed, 0.2) == fixed  # an existing eval split is never touched
+    assert all(s.split == "train" for s in ensure_eval_split(all_train, 0.0))
