@@ -46,6 +46,21 @@ class EndpointChatPolicy:
         return reply.text
 
 
+def adapter_base_model(settings: "Settings", adapter_dir: Path) -> str:
+    """The base a PEFT adapter was trained on: its recorded ``base_model_name_or_path`` when that is
+    loadable here (a local path, e.g. the GGUF file), else ``train.model``."""
+    import json
+
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if recorded and Path(recorded).exists():
+        if recorded != settings.train.model:
+            logger.info("adapter %s: rebuilding its recorded base %s (train.model is %s)", adapter_dir, recorded,
+                        settings.train.model)
+        return str(recorded)
+    # The tiny random model records no path (it is re-created from its seed); hub names resolve as given.
+    return settings.train.model
+
+
 def load_checkpoint_model(settings: "Settings", model_path: Path, device: str) -> tuple[Any, Any]:
     """(model, tokenizer) from an HF model directory or a PEFT adapter directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,15 +68,16 @@ def load_checkpoint_model(settings: "Settings", model_path: Path, device: str) -
     from agemem.train.tiny_model import load_policy_model, load_tokenizer
 
     model_path = Path(model_path)
+    is_adapter = (model_path / "adapter_config.json").is_file()
+    base_source = adapter_base_model(settings, model_path) if is_adapter else None
     has_tokenizer = (model_path / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path)) if has_tokenizer else load_tokenizer(settings)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path)) if has_tokenizer else load_tokenizer(settings, base_source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if (model_path / "adapter_config.json").is_file():
+    if is_adapter:
         from peft import PeftModel
 
-        # The base is train.model (the tiny random model is re-created from its seed).
-        base = load_policy_model(settings, tokenizer, device=device)
+        base = load_policy_model(settings, tokenizer, device=device, model=base_source)
         model = PeftModel.from_pretrained(base, str(model_path)).to(device)
     elif (model_path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(str(model_path)).to(device)
@@ -109,4 +125,4 @@ def build_policy(settings: "Settings", model_path: Path | None = None) -> Policy
     return PolicyHandle("chat", lambda script: policy, None, f"{cfg.policy}:{cfg.model}", close=client.aclose)
 
 
-__all__ = ["EndpointChatPolicy", "PolicyHandle", "build_policy", "load_checkpoint_model"]
+__all__ = ["EndpointChatPolicy", "PolicyHandle", "adapter_base_model", "build_policy", "load_checkpoint_model"]

@@ -286,10 +286,10 @@ class LocalTrainer:
         return self.result()
 
     def save(self, *, final: bool) -> Path:
-        from agemem.train.tiny_model import RANDOM_WEIGHTS_NOTE, is_tiny
+        from agemem.train.tiny_model import RANDOM_WEIGHTS_NOTE, base_model_lines, is_tiny
 
         card = [f"# agemem local GRPO checkpoint, step {self.state.step}", "",
-                f"- base model: `{self.settings.train.model}`", f"- LoRA rank: {self.settings.train.lora_rank}"]
+                *base_model_lines(self.settings.train.model), f"- LoRA rank: {self.settings.train.lora_rank}"]
         if is_tiny(self.settings.train.model):
             card += ["", f"**{RANDOM_WEIGHTS_NOTE}**"]
         last = self.state.history[-1] if self.state.history else {}

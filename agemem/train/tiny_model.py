@@ -1,8 +1,13 @@
-"""The policy model for the local trainer: a real HF checkpoint, or a tiny random Qwen2 for smoke runs.
+"""The policy model for the local trainer and evaluation: an HF model, a GGUF file, or a tiny random Qwen2.
 
-``tiny-random-qwen2`` is a Qwen2-architecture model built from a config (random weights, NOT a
-trained model) with the shipped Qwen2.5 tokenizer, so the whole training path runs on CPU in
-seconds. Its directory carries a README and a config flag saying so.
+``train.model`` may be
+- ``tiny-random-qwen2``: a Qwen2-architecture model built from a config (random weights, NOT a
+  trained model) with the shipped Qwen2.5 tokenizer, so the whole training path runs on CPU in
+  seconds. Its directory carries a README and a config flag saying so;
+- a ``.gguf`` file, or a folder holding exactly one ``.gguf`` (and no ``config.json``): loaded
+  offline through transformers' GGUF support (the ``gguf`` extra), dequantised to a normal
+  float model, so checkpoints saved from it are ordinary HF directories;
+- an HF hub name or model directory.
 """
 
 from __future__ import annotations
@@ -28,12 +33,63 @@ def is_tiny(model: str) -> bool:
     return model == TINY_MODEL
 
 
-def load_tokenizer(settings: Settings) -> Any:
-    """The policy tokenizer: the shipped Qwen2.5 tokenizer for the tiny model, else the model's own."""
+class ModelSourceError(ValueError):
+    """``train.model`` (or a recorded base model) names something that cannot be loaded."""
+
+
+def gguf_source(model: str) -> tuple[str, str] | None:
+    """``(folder, file name)`` when ``model`` is a GGUF file or a folder holding exactly one; else None.
+
+    A folder with a ``config.json`` is an HF model directory even if a GGUF lies beside it.
+    """
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelSourceError(f"train.model {model!r} is a file but not a .gguf; give a GGUF file or a model "
+                                   "directory")
+        return str(path.parent), path.name
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.glob("*.gguf"))
+        if len(found) == 1:
+            return str(path), found[0]
+        if len(found) > 1:
+            raise ModelSourceError(f"{model} holds {len(found)} .gguf files ({', '.join(found)}); set train.model "
+                                   "to the one to use")
+    return None
+
+
+def _gguf_special_tokens(tokenizer: Any, folder: str, name: str) -> None:
+    """Take eos/pad from the GGUF's own metadata (via the model config).
+
+    transformers' GGUF tokenizer conversion can name the wrong eos (SmolLM2's came out as
+    ``<|im_start|>``), and generation and the engine's turn closing both stop on eos.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    for attr in ("eos", "pad"):
+        token_id = getattr(config, f"{attr}_token_id", None)
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        if token_id is not None and 0 <= int(token_id) < len(tokenizer):
+            setattr(tokenizer, f"{attr}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
+
+
+def load_tokenizer(settings: Settings, model: str | None = None) -> Any:
+    """The policy tokenizer: the shipped Qwen2.5 tokenizer for the tiny model, else the model's own.
+
+    ``model`` overrides ``train.model`` (evaluation rebuilding a checkpoint's recorded base).
+    """
     from transformers import AutoTokenizer
 
-    source = str(TOKENIZER_DIR) if is_tiny(settings.train.model) else settings.train.model
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = model or settings.train.model
+    if is_tiny(model):
+        tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    elif (gguf := gguf_source(model)) is not None:
+        tokenizer = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+        _gguf_special_tokens(tokenizer, *gguf)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -67,22 +123,40 @@ def build_tiny_qwen2(settings: Settings, tokenizer: Any) -> Any:
     return model
 
 
-def load_policy_model(settings: Settings, tokenizer: Any, *, device: str) -> Any:
-    """The base causal LM on ``device`` in float32 (CPU) or bfloat16 (GPU)."""
+def load_policy_model(settings: Settings, tokenizer: Any, *, device: str, model: str | None = None) -> Any:
+    """The base causal LM on ``device`` in float32 (CPU) or bfloat16 (GPU).
+
+    ``model`` overrides ``train.model``. The returned model's ``name_or_path`` is that source
+    (the GGUF file itself for GGUF), so a LoRA adapter's ``base_model_name_or_path`` names the base.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    if is_tiny(settings.train.model):
-        model = build_tiny_qwen2(settings, tokenizer)
+    source = model or settings.train.model
+    if is_tiny(source):
+        return build_tiny_qwen2(settings, tokenizer).to(device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    gguf = gguf_source(source)
+    if gguf is not None:
+        logger.info("loading %s from GGUF (dequantised to %s)", gguf[1], dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf[0], gguf_file=gguf[1], dtype=dtype)
+        loaded.name_or_path = str(Path(gguf[0], gguf[1]))
     else:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(settings.train.model, dtype=dtype)
-    return model.to(device)
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return loaded.to(device)
+
+
+def base_model_lines(model: str) -> list[str]:
+    """Model-card lines naming the base model (and that a GGUF base was dequantised)."""
+    lines = [f"- base model: `{model}`"]
+    if not is_tiny(model) and gguf_source(model) is not None:
+        lines.append("- base loaded from GGUF and dequantised; this checkpoint is a plain HF model")
+    return lines
 
 
 def write_model_card(directory: Path, settings: Settings, *, step: int, extra: dict[str, Any] | None = None) -> None:
     """A README.md beside a saved checkpoint, labelling random weights clearly."""
-    lines = [f"# agemem checkpoint (step {step})", "", f"- base model: `{settings.train.model}`"]
+    lines = [f"# agemem checkpoint (step {step})", "", *base_model_lines(settings.train.model)]
     if is_tiny(settings.train.model):
         lines += ["", f"**{RANDOM_WEIGHTS_NOTE}**"]
     lines += ["", "```json", json.dumps(extra or {}, indent=2, default=str), "```", ""]
