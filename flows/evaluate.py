@@ -87,6 +87,11 @@ def evaluate_champion(profile: str = "smoke", overrides: list[str] | None = None
     The data steps run as cached subflows (nothing is rebuilt when inputs are unchanged). The
     metrics go to an MLflow run tagged with the version, and onto the version as
     ``nightly.<metric>`` tags (the gate's ``eval.*`` tags from registration are left alone).
+
+    Args:
+        profile: Settings profile: "smoke" or "paper".
+        overrides: Settings overrides as "section.key=value" strings, e.g. "eval.limit=500".
+        alias: Registry alias of the agemem-policy version to evaluate ("champion" or "candidate").
     """
     from agemem import tracking
     from flows.data import prepare_data, synthesize_distractors

@@ -27,8 +27,10 @@ HEADLINE = ("n", "judge_score", "em", "f1", "memory_quality", "reward", "rounds"
 def agemem_pipeline(profile: str = "smoke", overrides: list[str] | None = None, backend: str | None = None) -> dict:
     """Run every stage; returns where to look (MLflow run, registered version, Prefect run) and timings.
 
-    ``profile``: ``smoke`` (CPU, shipped sample, tiny model) or ``paper``. ``overrides``: settings
-    as ``"section.key=value"`` strings. ``backend``: ``local`` or ``verl`` (``train.backend``).
+    Args:
+        profile: Settings profile: "smoke" (CPU, shipped sample, tiny model) or "paper" (Qwen2.5-7B, verl).
+        overrides: Settings overrides as "section.key=value" strings, e.g. "train.total_steps=200".
+        backend: Training backend, "local" or "verl"; empty = the profile's train.backend.
     """
     from agemem import tracking
 
