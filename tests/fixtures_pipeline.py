@@ -73,7 +73,10 @@ def as_pairs(nested: dict, prefix: str = "") -> list[str]:
 
 @pytest.fixture
 def tiny_pipeline_overrides(runs_dir: Path) -> list[str]:
-    """Overrides for a fast pipeline: TINY_TRAIN's model and episodes, 4 records, 2 eval questions."""
+    """Overrides for a fast pipeline: TINY_TRAIN's model and episodes, 4 records, 2 eval questions.
+
+    ``eval.split=all``: 4 records hold a single eval-split episode; the tests want two questions.
+    """
     from tests.fixtures_train import TINY_TRAIN
 
-    return as_pairs(TINY_TRAIN) + [f"runs_dir={runs_dir}", "data.limit=4", "eval.limit=2", "eval.concurrency=2"]
+    return as_pairs(TINY_TRAIN) + [f"runs_dir={runs_dir}", "data.limit=4", "eval.limit=2", "eval.split=all", "eval.concurrency=2"]

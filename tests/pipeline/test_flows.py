@@ -127,7 +127,7 @@ def test_outside_tasks_retry_with_exponential_backoff(prefect_harness) -> None:
 
 
 def _judge_overrides(fake, runs_dir: Path) -> list[str]:
-    return [f"runs_dir={runs_dir}", "data.limit=4", "eval.policy=scripted", "eval.limit=2",
+    return [f"runs_dir={runs_dir}", "data.limit=4", "eval.policy=scripted", "eval.limit=2", "eval.split=all",
             "episode.max_turn_tokens=1024", "episode.max_context_tokens=4096",
             "judge.backend=openai", f"judge.base_url={fake.base_url}", "judge.api_key=test-key",
             f"judge.model={fake.model}", "judge.timeout_s=0.5", "judge.max_retries=1", "judge.backoff_s=0.01",
