@@ -18,6 +18,9 @@ Policies (``--policy``):
     .venv/bin/python benchmarks/engine_overhead.py --episodes 4 --rollouts 8   # the paper's group size
     .venv/bin/python benchmarks/engine_overhead.py --episodes 4 --policy sampled
     .venv/bin/python benchmarks/engine_overhead.py --episodes 4 --set train.tiny_hidden_size=256
+    # a real small instruct model (GGUF, offline; ~2 min per episode on one CPU thread):
+    .venv/bin/python benchmarks/engine_overhead.py --episodes 1 --rollouts 1 \
+        --set train.model=../shared/models/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 
 Target: overhead (all but generate) < 5 % of episode wall time. A 64-wide random model makes
 generation far cheaper than any real policy, so this is a pessimistic bound.
@@ -104,7 +107,7 @@ async def main(args: argparse.Namespace) -> None:
     from agemem.assets import SAMPLE_DATA
     from agemem.settings import load_settings
     from agemem.train.local import resolve_device
-    from agemem.train.tiny_model import load_policy_model, load_tokenizer
+    from agemem.train.tiny_model import is_tiny, load_policy_model, load_tokenizer
     from agemem.train.token_server import LocalTokenServer
 
     overrides = list(args.set or [])
@@ -155,7 +158,8 @@ async def main(args: argparse.Namespace) -> None:
             await close()
 
     print(f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
-    print(f"device={device} model={settings.train.model} hidden={settings.train.tiny_hidden_size} "
+    size = f" hidden={settings.train.tiny_hidden_size}" if is_tiny(settings.train.model) else ""
+    print(f"device={device} model={settings.train.model}{size} "
           f"torch_threads={settings.train.torch_threads} policy={args.policy} rollouts_per_prompt={rollouts} "
           f"max_turn_tokens={settings.episode.max_turn_tokens} max_context_tokens={settings.episode.max_context_tokens}")
     print()
