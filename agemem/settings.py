@@ -96,6 +96,9 @@ class MemorySettings(BaseModel):
     embedding_device: str = "cpu"
     embed_batch_size: int = Field(64, ge=1)
     embed_batch_wait_ms: float = Field(3.0, ge=0)
+    embed_cache_size: int = Field(
+        4096, ge=0, description="Texts whose vectors the server keeps (LRU; GRPO siblings repeat texts). 0 = off."
+    )
     max_content_bytes: int = Field(8192, ge=1)
     max_body_bytes: int = Field(65536, ge=1024)
     max_top_k: int = Field(20, ge=1)

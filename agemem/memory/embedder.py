@@ -12,6 +12,7 @@ import functools
 import logging
 import threading
 import weakref
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,7 +87,15 @@ class _LoopBatcher:
 class Embedder:
     """A sentence-transformers model producing L2-normalised float32 vectors."""
 
-    def __init__(self, model: str | None = None, device: str = "cpu", *, batch_size: int = 64, wait_ms: float = 3.0):
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        *,
+        batch_size: int = 64,
+        wait_ms: float = 3.0,
+        cache_size: int = 0,
+    ):
         from sentence_transformers import SentenceTransformer
 
         self.model_name = model or default_model_path()
@@ -98,6 +107,10 @@ class Embedder:
         self._model = SentenceTransformer(self.model_name, device=device)
         self.dim: int = int(self._model.get_embedding_dimension())
         self._lock = threading.Lock()
+        # GRPO siblings store and query the same texts (8 rollouts per prompt in the paper
+        # profile): a small text -> vector LRU spares those forward passes.
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agemem-embed")
         self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatcher] = (
             weakref.WeakKeyDictionary()
@@ -121,17 +134,37 @@ class Embedder:
         """Like :meth:`encode`, but batched with other concurrent callers and off the event loop."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        loop = asyncio.get_running_loop()
-        batcher = self._batchers.get(loop)
-        if batcher is None:
-            batcher = self._batchers[loop] = _LoopBatcher(self)
-        return await batcher.submit(list(texts))
+        texts = list(texts)
+        known = {t: self._cache[t] for t in texts if t in self._cache} if self.cache_size else {}
+        missing = list(dict.fromkeys(t for t in texts if t not in known))
+        if missing:
+            loop = asyncio.get_running_loop()
+            batcher = self._batchers.get(loop)
+            if batcher is None:
+                batcher = self._batchers[loop] = _LoopBatcher(self)
+            vectors = await batcher.submit(missing)
+            known.update(zip(missing, vectors))
+            self._remember(missing, vectors)
+        for text in known:
+            if text in self._cache:
+                self._cache.move_to_end(text)
+        return np.stack([known[t] for t in texts])
+
+    def _remember(self, texts: list[str], vectors: np.ndarray) -> None:
+        if not self.cache_size:
+            return
+        for text, vector in zip(texts, vectors):
+            self._cache[text] = vector
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
 
 @functools.lru_cache(maxsize=8)
-def get_embedder(model: str | None, device: str = "cpu", *, batch_size: int = 64, wait_ms: float = 3.0) -> Embedder:
-    """The process-wide embedder for this model and device (loaded once)."""
-    return Embedder(model, device, batch_size=batch_size, wait_ms=wait_ms)
+def get_embedder(
+    model: str | None, device: str = "cpu", *, batch_size: int = 64, wait_ms: float = 3.0, cache_size: int = 0
+) -> Embedder:
+    """The process-wide embedder for this model, device and batching (loaded once)."""
+    return Embedder(model, device, batch_size=batch_size, wait_ms=wait_ms, cache_size=cache_size)
 
 
 __all__ = ["Embedder", "default_model_path", "get_embedder"]

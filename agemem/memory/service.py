@@ -128,7 +128,11 @@ class MemoryService:
     def from_settings(cls, settings: Settings) -> MemoryService:
         mem = settings.memory
         embedder = get_embedder(
-            mem.embedding_model, mem.embedding_device, batch_size=mem.embed_batch_size, wait_ms=mem.embed_batch_wait_ms
+            mem.embedding_model,
+            mem.embedding_device,
+            batch_size=mem.embed_batch_size,
+            wait_ms=mem.embed_batch_wait_ms,
+            cache_size=mem.embed_cache_size,
         )
         store = MilvusMemoryStore.from_settings(settings, embedder.dim)
         return cls(store, embedder, mem)

@@ -18,7 +18,8 @@ from tests.fixtures_memory import memory_settings
 
 async def test_embedder_normalised_and_batched(memory_service) -> None:
     emb = memory_service.embedder
-    assert emb is get_embedder(None, "cpu", batch_size=emb.batch_size, wait_ms=emb.wait_s * 1000)
+    assert emb is get_embedder(None, "cpu", batch_size=emb.batch_size, wait_ms=emb.wait_s * 1000,
+                               cache_size=emb.cache_size)
     sync = emb.encode(["a cat sat on the mat", "quantum chromodynamics"])
     assert sync.shape == (2, emb.dim) and sync.dtype == np.float32
     assert np.allclose(np.linalg.norm(sync, axis=1), 1.0, atol=1e-5)
@@ -26,6 +27,23 @@ async def test_embedder_normalised_and_batched(memory_service) -> None:
     parts = await asyncio.gather(*(emb.aencode([t]) for t in ["a cat sat on the mat", "quantum chromodynamics"]))
     assert np.allclose(np.vstack(parts), sync, atol=1e-5)
     assert (await emb.aencode([])).shape == (0, emb.dim)
+
+
+async def test_embedding_cache_is_exact_and_bounded(memory_service) -> None:
+    from agemem.memory.embedder import Embedder
+
+    emb = memory_service.embedder
+    cached = Embedder(emb.model_name, "cpu", cache_size=2)
+    texts = ["Paris is the capital of France.", "Bananas are yellow.", "Paris is the capital of France."]
+    first = await cached.aencode(texts)
+    assert np.allclose(first, emb.encode(texts), atol=1e-5)
+    assert list(cached._cache) == texts[:2]  # each distinct text embedded once
+    cached._model = None  # from now on a forward pass would fail: hits must not need one
+    assert np.array_equal(await cached.aencode(texts[::-1]), first[::-1])
+    cached._model = emb._model
+    third = "A third text evicts the least recently used one."
+    await cached.aencode([third])
+    assert list(cached._cache) == [texts[1], third]
 
 
 async def test_add_retrieve_update_delete(memory_client: InProcessMemoryClient) -> None:
