@@ -150,7 +150,11 @@ class TrainSettings(BaseModel):
     """GRPO training, for the local trainer and for verl."""
 
     backend: Literal["local", "verl"] = "local"
-    model: str = Field("tiny-random-qwen2", description="HF name or path; 'tiny-random-qwen2' builds a test model.")
+    model: str = Field(
+        "tiny-random-qwen2",
+        description="HF name or path, a .gguf file or a folder holding one (local trainer / eval); "
+        "'tiny-random-qwen2' builds a random-weight test model.",
+    )
     rollouts_per_prompt: int = Field(8, ge=1)
     tasks_per_batch: int = Field(16, ge=1)
     total_steps: int = Field(100, ge=1)

@@ -76,21 +76,6 @@ def select_episodes(settings: "Settings", episodes_path: Path) -> list["EpisodeS
     return chosen
 
 
-async def _build_engine(settings: "Settings", tokenizer: Any) -> tuple[Any, list[Callable[[], Any]]]:
-    from agemem.agent.episode import EpisodeEngine
-    from agemem.llm import build_llm_client
-    from agemem.memory.client import build_memory_client
-    from agemem.reward.judge import Judge
-
-    memory = build_memory_client(settings)
-    llm = build_llm_client(settings, "llm")
-    judge = Judge.from_settings(settings)
-    closers = [memory.aclose, llm.aclose]
-    if judge.client is not None:
-        closers.append(judge.client.aclose)
-    return EpisodeEngine(settings, tokenizer=tokenizer, memory=memory, llm=llm, judge=judge), closers
-
-
 async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, model_path: Path | None = None,
                    progress: Callable[[int, int], None] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Run every episode (``eval.concurrency`` at a time); returns rows in input order and the policy label."""
@@ -98,7 +83,9 @@ async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, mod
     from agemem.reward.score import compute_score
 
     handle = build_policy(settings, model_path)
-    engine, closers = await _build_engine(settings, handle.tokenizer)
+    from agemem.agent.runner import build_engine
+
+    engine, closers = await build_engine(settings, tokenizer=handle.tokenizer)
     if handle.close is not None:
         closers.append(handle.close)
     gate = asyncio.Semaphore(settings.eval.concurrency)
