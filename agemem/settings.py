@@ -96,6 +96,9 @@ class MemorySettings(BaseModel):
     embedding_device: str = "cpu"
     embed_batch_size: int = Field(64, ge=1)
     embed_batch_wait_ms: float = Field(3.0, ge=0)
+    embedding_threads: int = Field(
+        0, ge=0, description="torch CPU threads of the tool server process; 0 = torch's default (all cores)."
+    )
     embed_cache_size: int = Field(
         4096, ge=0, description="Texts whose vectors the server keeps (LRU; GRPO siblings repeat texts). 0 = off."
     )

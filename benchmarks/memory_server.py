@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="seconds per HTTP row (default 10)")
     parser.add_argument("--concurrency", default="1,16,64", help="concurrent sessions for the HTTP rows")
     parser.add_argument("--queries", type=int, default=None, help="search queries per size (default 100)")
+    parser.add_argument("--server-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for the server process, e.g. memory.embedding_threads=1 (repeatable)")
     parser.add_argument("--python-queries", type=int, default=None, help="of those, run on the pure-Python store (default 20)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("1000,3000" if args.quick else "1000,10000")).split(",")]
@@ -243,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         # The HTTP rows repeat texts: the server's vector cache would measure dictionary look-ups.
         proc, base_url = start_server_process(root / "server.db", log_path=root / "server.log",
-                                              extra=["--set", "memory.embed_cache_size=0"])
+                                              extra=["--set", "memory.embed_cache_size=0",
+                                                     *(a for kv in args.server_set for a in ("--set", kv))])
         try:
             http = asyncio.run(http_rows(base_url, concurrency, duration, query_texts + contents[:2000],
                                          (big_sid, big_token)))

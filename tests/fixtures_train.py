@@ -61,33 +61,10 @@ class RunningToolServer:
 @pytest.fixture
 def train_tool_server(runs_dir: Path) -> Iterator[RunningToolServer]:
     """The real memory tool server (FastAPI + milvus-lite in tmp) served by uvicorn on 127.0.0.1."""
-    import threading
-    import time
-
-    import httpx
-    import uvicorn
-
-    from agemem.memory.server import create_app
-    from agemem.memory.service import MemoryService
-    from agemem.train.launch import free_port
+    from tests.fixtures_memory import serve_in_thread
 
     settings = load_settings("smoke", {"runs_dir": str(runs_dir)})
-    service = MemoryService.from_settings(settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service, settings), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        raise RuntimeError("tool server did not start")
+    url, server, thread, service = serve_in_thread(settings)
     try:
         yield RunningToolServer(url, service, settings)
     finally:

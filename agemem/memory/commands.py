@@ -30,6 +30,10 @@ def serve_tools(
 
     configure_logging(verbose)
     settings = settings_from_cli(profile, sets, **{"memory.host": host, "memory.port": port})
+    if settings.memory.embedding_threads:
+        import torch
+
+        torch.set_num_threads(settings.memory.embedding_threads)
     try:
         service = MemoryService.from_settings(settings)
     except (MemoryUnavailableError, ValueError) as exc:
