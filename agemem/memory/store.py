@@ -89,6 +89,54 @@ def connect(uri: str, *, token: str | None = None, timeout_s: float = 5.0) -> Mi
         ) from None
 
 
+class _FlushExclusiveClient:
+    """A ``MilvusClient`` whose ``flush`` runs alone: other calls share, a flush waits for them and blocks them.
+
+    On milvus-lite, a flush racing other calls failed ("current_seq is monotonic") and a query
+    racing a flush returned no rows for a memory just added (seen about 1 in 200 under load).
+    A waiting flush holds back new calls, so a steady stream of searches cannot starve it.
+    """
+
+    def __init__(self, client: MilvusClient) -> None:
+        self._client = client
+        self._cond = threading.Condition()
+        self._active = 0
+        self._flushing = False
+        self._flush_waiting = 0
+
+    def flush(self, *args: Any, **kwargs: Any) -> Any:
+        with self._cond:
+            self._flush_waiting += 1
+            self._cond.wait_for(lambda: not self._flushing and self._active == 0)
+            self._flush_waiting -= 1
+            self._flushing = True
+        try:
+            return self._client.flush(*args, **kwargs)
+        finally:
+            with self._cond:
+                self._flushing = False
+                self._cond.notify_all()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def shared(*args: Any, **kwargs: Any) -> Any:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._flushing and self._flush_waiting == 0)
+                self._active += 1
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                with self._cond:
+                    self._active -= 1
+                    if self._active == 0:
+                        self._cond.notify_all()
+
+        return shared
+
+
 class MilvusMemoryStore:
     """Memories (one collection, session id as partition key) and sessions (a small second collection)."""
 
@@ -113,7 +161,7 @@ class MilvusMemoryStore:
         self._flush_timer: threading.Timer | None = None
         self._flush_lock = threading.Lock()
         self._closed = False
-        self._client = connect(uri, token=token, timeout_s=timeout_s)
+        self._client = _FlushExclusiveClient(connect(uri, token=token, timeout_s=timeout_s))
         self._ensure_collections()
 
     @classmethod

@@ -70,6 +70,9 @@ async def test_adds_of_one_reply_are_batched_with_sequential_results(
                 _add(FACTS[3])]),
         "<think>ok</think>\n<answer>Noted.</answer>",
     ]
+    # The server's text cache would serve repeated texts (here and from other tests) without a forward pass.
+    monkeypatch.setattr(agent_memory.service.embedder, "cache_size", 0)
+    agent_memory.service.embedder._cache.clear()
     spy = BatchSpy(agent_memory.service.embedder.encode)
     monkeypatch.setattr(agent_memory.service.embedder, "encode", spy)
     batched = await _run(agent_settings, agent_memory, chat_tokenizer, episode_script, embed, replies, monkeypatch)
