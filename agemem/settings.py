@@ -116,7 +116,10 @@ class MemorySettings(BaseModel):
         5.0, gt=0, description="Milvus connect timeout: an unreachable AGEMEM_MEMORY__URI fails after this."
     )
     flush_interval_s: float = Field(
-        0.5, ge=0, description="Writes are flushed at most this long after they happen (search fast path)."
+        0.0,
+        ge=0,
+        description="0: every write is flushed before it is acknowledged (milvus-lite loses unflushed rows "
+        "when its process is killed). >0: flushed at most this long later (faster, not crash-safe).",
     )
     flush_rows: int = Field(256, ge=1, description="Flush at once when this many rows are unflushed.")
 

@@ -148,7 +148,7 @@ class MilvusMemoryStore:
         collection: str = "agemem_memories",
         token: str | None = None,
         timeout_s: float = 5.0,
-        flush_interval_s: float = 0.5,
+        flush_interval_s: float = 0.0,
         flush_rows: int = 256,
     ) -> None:
         self.uri = uri
