@@ -16,41 +16,47 @@ from agemem.settings import offline_env
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
 def start_server_process(
     uri: str | Path,
     *,
+    host: str = "127.0.0.1",
     port: int | None = None,
     extra: list[str] | None = None,
     timeout_s: float = 120.0,
     log_path: Path | None = None,
+    inherit_settings_env: bool = False,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m agemem.memory.commands`` on 127.0.0.1 over ``uri``; returns once /healthz answers.
+    """``python -m agemem.memory.commands`` on ``host`` over ``uri``; returns once /healthz answers.
 
-    The child sees no ``AGEMEM_*`` variables of this process (only ``uri`` and ``extra`` settings),
-    and its output goes to ``log_path`` when given, else to a pipe read by :func:`stop_server_process`
-    (a long-running child should get a file: a full pipe would block it).
+    By default the child sees no ``AGEMEM_*`` variables of this process (only ``uri`` and ``extra``
+    settings: tests and benchmarks must not depend on a developer's shell); ``inherit_settings_env``
+    passes them on (training: the user's server token and memory settings). Its output goes to
+    ``log_path`` when given, else to a pipe read by :func:`stop_server_process` (a long-running
+    child should get a file: a full pipe would block it).
     """
-    port = port or free_port()
+    port = port or free_port(host)
     cmd = [
         sys.executable, "-m", "agemem.memory.commands",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", host, "--port", str(port),
         "--set", f"memory.uri={uri}",
         *(extra or []),
     ]  # fmt: skip
-    env = {k: v for k, v in offline_env().items() if not k.startswith("AGEMEM_")}
+    env = offline_env()
+    if not inherit_settings_env:
+        env = {k: v for k, v in env.items() if not k.startswith("AGEMEM_")}
     env["PYTHONPATH"] = str(_PACKAGE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = open(log_path, "wb") if log_path is not None else subprocess.PIPE  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(cmd, cwd=_PACKAGE_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     if log_path is not None:
         out.close()  # the child holds its own descriptor
-    base_url = f"http://127.0.0.1:{port}"
+    base_url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

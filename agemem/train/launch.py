@@ -9,12 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -86,56 +83,32 @@ def prepare_inputs(settings: Settings, episodes_path: Path, paths: VerlPaths) ->
     verl_config.write_agent_loop_config(paths.agent_loop_config)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(host: str, port: int, *, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Block until the tool server's ``/healthz`` answers 200 (or the process dies / time runs out)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"tool server exited with code {proc.returncode} before listening")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://{host}:{port}/healthz", timeout=1.0).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"tool server did not listen on {host}:{port} within {timeout_s:.0f}s")
-
-
 @contextlib.contextmanager
 def tool_server(settings: Settings, *, startup_timeout_s: float = 120.0) -> Iterator[str]:
     """Yield the tool server URL: ``memory.server_url`` if set, else a ``agemem serve-tools`` subprocess."""
     if settings.memory.server_url:
         yield settings.memory.server_url
         return
+    from agemem.memory.process import free_port, start_server_process, stop_server_process
+
     host = settings.memory.host
     port = settings.memory.port or free_port(host)
-    env = offline_env()
-    env.update(
-        {
-            "AGEMEM_PROFILE": settings.profile,
-            "AGEMEM_RUNS_DIR": str(settings.runs_dir),
-            "AGEMEM_MEMORY__HOST": host,
-            "AGEMEM_MEMORY__PORT": str(port),
-            "AGEMEM_MEMORY__URI": settings.memory_uri,
-        }
+    log_path = settings.runs_dir / "tool-server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("starting tool server on %s:%d (store %s, log %s)", host, port, settings.memory_uri, log_path)
+    proc, url = start_server_process(
+        settings.memory_uri,
+        host=host,
+        port=port,
+        extra=["--profile", settings.profile, "--set", f"runs_dir={settings.runs_dir}"],
+        timeout_s=startup_timeout_s,
+        log_path=log_path,
+        inherit_settings_env=True,
     )
-    cmd = [sys.executable, "-m", "agemem.cli", "serve-tools"]
-    logger.info("starting tool server: %s on %s:%d", " ".join(cmd), host, port)
-    proc = subprocess.Popen(cmd, env=env)
     try:
-        wait_for_port(host, port, timeout_s=startup_timeout_s, proc=proc)
-        yield f"http://{host}:{port}"
+        yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_server_process(proc)
         logger.info("tool server stopped (code %s)", proc.returncode)
 
 

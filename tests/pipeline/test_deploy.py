@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import httpx
 import pytest
 import yaml
 
+from agemem.memory.process import free_port
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,12 +34,6 @@ EXPECTED = {
     "agemem-pipeline": ("agemem-pipeline", "flows/pipeline.py:agemem_pipeline"),
     "nightly-champion-eval": ("evaluate-champion", "flows/evaluate.py:evaluate_champion"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -63,7 +58,7 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 180) -> subproce
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     """A ``prefect server start`` on a free loopback port; yields (API URL, env for the CLI)."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AGEMEM_"))}
     env.update({
