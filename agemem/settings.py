@@ -94,7 +94,10 @@ class MemorySettings(BaseModel):
         None, description="sentence-transformers model name or path; default: the bundled all-MiniLM-L6-v2."
     )
     embedding_device: str = "cpu"
-    embed_batch_size: int = Field(64, ge=1)
+    embed_batch_size: int = Field(64, ge=1, description="Most texts of concurrent requests embedded in one call.")
+    embed_forward_batch_size: int = Field(
+        16, ge=1, description="Texts per forward pass inside that call, grouped by length (less padding)."
+    )
     embed_batch_wait_ms: float = Field(3.0, ge=0)
     embedding_threads: int = Field(
         0, ge=0, description="torch CPU threads of the tool server process; 0 = torch's default (all cores)."
@@ -122,6 +125,13 @@ class MemorySettings(BaseModel):
         "when its process is killed). >0: flushed at most this long later (faster, not crash-safe).",
     )
     flush_rows: int = Field(256, ge=1, description="Flush at once when this many rows are unflushed.")
+    partitions: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Partitions sessions are hashed into when the collection is made; a session's searches read "
+        "only its own (Milvus allows 1024 per collection by default).",
+    )
 
 
 class EpisodeSettings(BaseModel):

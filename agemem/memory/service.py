@@ -131,6 +131,7 @@ class MemoryService:
             mem.embedding_model,
             mem.embedding_device,
             batch_size=mem.embed_batch_size,
+            forward_batch_size=mem.embed_forward_batch_size,
             wait_ms=mem.embed_batch_wait_ms,
             cache_size=mem.embed_cache_size,
         )
@@ -262,7 +263,8 @@ class MemoryService:
         content = self._text("Add_memory", "content", args.content)
         memory_type = self._memory_type("Add_memory", args.memory_type)
         metadata = self._metadata("Add_memory", args.metadata_json)
-        vector = (await self.embedder.aencode([content]))[0]
+        # Id and time are fixed on arrival: concurrent adds finish embedding shortest first, and
+        # "oldest first" must still mean the order the calls were made in.
         now = time.time()
         item = MemoryItem(
             memory_id=secrets.token_hex(16),
@@ -272,6 +274,7 @@ class MemoryService:
             created_at=now,
             updated_at=now,
         )
+        vector = (await self.embedder.aencode([content]))[0]
         await asyncio.to_thread(self.store.add, session_id, [item], vector[None, :])
         return ToolResult(ok=True, text=f"memory added (Memory ID: {item.memory_id})", data={"memory_id": item.memory_id})
 

@@ -18,8 +18,8 @@ from tests.fixtures_memory import memory_settings
 
 async def test_embedder_normalised_and_batched(memory_service) -> None:
     emb = memory_service.embedder
-    assert emb is get_embedder(None, "cpu", batch_size=emb.batch_size, wait_ms=emb.wait_s * 1000,
-                               cache_size=emb.cache_size)
+    assert emb is get_embedder(None, "cpu", batch_size=emb.batch_size, forward_batch_size=emb.forward_batch_size,
+                               wait_ms=emb.wait_s * 1000, cache_size=emb.cache_size)
     sync = emb.encode(["a cat sat on the mat", "quantum chromodynamics"])
     assert sync.shape == (2, emb.dim) and sync.dtype == np.float32
     assert np.allclose(np.linalg.norm(sync, axis=1), 1.0, atol=1e-5)
@@ -27,6 +27,39 @@ async def test_embedder_normalised_and_batched(memory_service) -> None:
     parts = await asyncio.gather(*(emb.aencode([t]) for t in ["a cat sat on the mat", "quantum chromodynamics"]))
     assert np.allclose(np.vstack(parts), sync, atol=1e-5)
     assert (await emb.aencode([])).shape == (0, emb.dim)
+
+
+async def test_micro_batches_run_shortest_first_and_answer_each_request_when_ready(memory_service) -> None:
+    from agemem.memory.embedder import Embedder
+
+    emb = memory_service.embedder
+    streaming = Embedder(emb.model_name, "cpu", batch_size=64, forward_batch_size=2, wait_ms=20)
+    long_text = "The Eiffel Tower, completed in 1889 for the World's Fair, stands on the Champ de Mars in Paris. " * 4
+    requests = [[long_text], ["Short."], ["Bananas are yellow.", long_text[:150], "Rome", "A fact of medium length."]]
+    finished: list[int] = []
+
+    async def one(i: int) -> np.ndarray:
+        vectors = await streaming.aencode(requests[i])
+        finished.append(i)
+        return vectors
+
+    results = await asyncio.gather(*(one(i) for i in range(len(requests))))
+    for texts, vectors in zip(requests, results):
+        assert np.allclose(vectors, emb.encode(texts), atol=1e-5)  # right vector in the right slot
+    # One batch of six texts in forward passes of two, shortest first: the one-word request is
+    # answered first although it came second, the single long text last although it came first.
+    assert finished == [1, 2, 0]
+
+
+async def test_a_failed_forward_pass_reaches_every_waiter(memory_service) -> None:
+    from agemem.memory.embedder import Embedder
+
+    broken = Embedder(memory_service.embedder.model_name, "cpu", forward_batch_size=1, wait_ms=20)
+    broken._model = None
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(broken.aencode([t]) for t in ["one", "two", "three"]), return_exceptions=True), timeout=30
+    )
+    assert all(isinstance(o, AttributeError) for o in outcomes), outcomes
 
 
 async def test_embedding_cache_is_exact_and_bounded(memory_service) -> None:
