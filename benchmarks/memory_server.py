@@ -147,12 +147,12 @@ def _populate(db: str, session_id: str, token_hash: str, contents: list[str], ve
     store.close()
 
 
-def _cpu_s(proc) -> float:
-    """CPU seconds used so far by ``proc`` and its children."""
+def _cpu_s(proc, *, children: bool = True) -> float:
+    """CPU seconds used so far by ``proc`` (and its live children)."""
     import psutil
 
     total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in [proc, *(proc.children(recursive=True) if children else [])]:
         try:
             t = p.cpu_times()
             total += t.user + t.system
@@ -194,10 +194,11 @@ async def http_rows(base_url: str, server_pid: int, concurrency: list[int], dura
                     if r.status_code != 200 or not r.json().get("ok"):
                         errors += 1
 
-            cpu0, t0 = (_cpu_s(server), _cpu_s(me)), time.monotonic()
+            # The server is this process's child: count only this process as the load generator.
+            cpu0, t0 = (_cpu_s(server), _cpu_s(me, children=False)), time.monotonic()
             await asyncio.gather(*(one(sid, auth) for sid, auth in sessions))
             wall = time.monotonic() - t0
-            server_cpu, client_cpu = _cpu_s(server) - cpu0[0], _cpu_s(me) - cpu0[1]
+            server_cpu, client_cpu = _cpu_s(server) - cpu0[0], _cpu_s(me, children=False) - cpu0[1]
             return {"tool": tool, "sessions": len(sessions), "ops_s": len(latencies) / wall,
                     "p50": _pct(latencies, 50), "p99": _pct(latencies, 99), "n": len(latencies), "errors": errors,
                     "server_cores": server_cpu / wall, "client_cores": client_cpu / wall,

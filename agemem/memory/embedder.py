@@ -84,17 +84,21 @@ class _LoopBatcher:
         results = [np.empty((len(texts), embedder.dim), dtype=np.float32) for texts, _ in batch]
         left = [len(texts) for texts, _ in batch]
         step = embedder.forward_batch_size
-        for start in range(0, len(slots), step):
-            chunk = slots[start : start + step]
+        chunks = [slots[k : k + step] for k in range(0, len(slots), step)]
+        # All passes are queued at once: the worker thread runs them back to back instead of
+        # idling until this loop gets its turn between two of them.
+        passes = [
+            loop.run_in_executor(embedder._executor, embedder.encode, [batch[i][0][j] for i, j in chunk])
+            for chunk in chunks
+        ]
+        for chunk, forward in zip(chunks, passes):
             try:
-                vectors = await loop.run_in_executor(
-                    embedder._executor, embedder.encode, [batch[i][0][j] for i, j in chunk]
-                )
-            except Exception as exc:  # every waiter of this batch must hear about the failure
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
+                vectors = await forward
+            except Exception as exc:  # every waiter with a text in this pass must hear about it
+                for i, _ in chunk:
+                    if not batch[i][1].done():
+                        batch[i][1].set_exception(exc)
+                continue
             for (i, j), vector in zip(chunk, vectors):
                 results[i][j] = vector
                 left[i] -= 1

@@ -37,6 +37,9 @@ _FIELDS = ["id", "session_id", "content", "memory_type", "metadata", "created_at
 _SEARCH_FIELDS = ["content", "memory_type"]
 _URI_SETTING = "AGEMEM_MEMORY__URI"
 _PARTITION_PREFIX = "sessions_"
+# Vectors are stored and searched unit-length, so inner product is cosine similarity; milvus-lite's
+# brute-force path re-normalised every stored vector on each COSINE search (10k memories: 30 -> 20 ms).
+_METRIC = "IP"
 
 
 class MemoryStoreLockedError(MemoryUnavailableError):
@@ -55,6 +58,13 @@ def _quote(value: str) -> str:
     if not SAFE_TOKEN.match(value):
         raise ValueError(f"unsafe filter value {value[:80]!r}")
     return f'"{value}"'
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    """``vector`` as float32 of length 1 (the embedder's already are; this keeps IP equal to cosine)."""
+    v = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 0 else v
 
 
 def _lite_lock_holder(path: str) -> bool:
@@ -179,6 +189,7 @@ class MilvusMemoryStore:
         self._closed = False
         self._client = _FlushExclusiveClient(connect(uri, token=token, timeout_s=timeout_s))
         self._partitions = 0  # 0: no session partitions (a collection made with a partition key)
+        self._metric = _METRIC  # collections made by earlier versions use COSINE
         self._ensure_collections(partitions)
 
     @classmethod
@@ -210,7 +221,7 @@ class MilvusMemoryStore:
             schema.add_field("updated_at", DataType.DOUBLE)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
             index = c.prepare_index_params()
-            index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
+            index.add_index("vector", index_type="AUTOINDEX", metric_type=_METRIC)
             # Strong: a Retrieve right after an Add must see it (matters on Milvus standalone).
             c.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
             for i in range(partitions):
@@ -235,6 +246,7 @@ class MilvusMemoryStore:
             c.create_collection(
                 self.sessions_collection, schema=schema, index_params=index, consistency_level="Strong"
             )
+        self._metric = c.describe_index(self.collection, "vector").get("metric_type") or _METRIC
         # The count is fixed when the collection is made: sessions must stay where they were put.
         self._partitions = sum(name.startswith(_PARTITION_PREFIX) for name in c.list_partitions(self.collection))
         if self._partitions != partitions:
@@ -330,7 +342,7 @@ class MilvusMemoryStore:
             "metadata": item.metadata,
             "created_at": item.created_at,
             "updated_at": item.updated_at,
-            "vector": np.asarray(vector, dtype=np.float32).tolist(),
+            "vector": _unit(vector).tolist(),
         }
 
     def get(self, session_id: str, memory_id: str) -> MemoryItem | None:
@@ -394,11 +406,11 @@ class MilvusMemoryStore:
             expr += f" and memory_type == {_quote(memory_type)}"
         hits = self._client.search(
             self.collection,
-            data=[np.asarray(vector, dtype=np.float32).tolist()],
+            data=[_unit(vector).tolist()],
             limit=top_k,
             filter=expr,
             output_fields=_SEARCH_FIELDS,
-            search_params={"metric_type": "COSINE"},
+            search_params={"metric_type": self._metric},
             **self._scope(session_id),
         )[0]
         out = []

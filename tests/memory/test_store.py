@@ -29,7 +29,9 @@ def _roundtrip(store: MilvusMemoryStore) -> None:
     ids_a = _add(store, a, ["a1", "a2"], 1)
     _add(store, b, ["b1"], 2)
     query = _vectors(1, 1)[0]
-    assert {m.memory_id for m in store.search(a, query, 5)} == set(ids_a)
+    hits = store.search(a, query, 5)
+    assert {m.memory_id for m in hits} == set(ids_a)
+    assert abs(hits[0].score - 1.0) < 1e-5  # the query is a1's own vector: cosine 1 under either metric
     assert [m.content for m in store.search(b, query, 5)] == ["b1"]
     store.update(a, ids_a[0], content="a1 v2", vector=query)
     assert store.search(a, query, 1)[0].content == "a1 v2"
@@ -45,6 +47,7 @@ def test_sessions_live_in_their_own_partition(tmp_path) -> None:
     assert sorted(p for p in client.list_partitions(store.collection) if p.startswith("sessions_")) == [
         f"sessions_{i:04d}" for i in range(8)
     ]
+    assert store._metric == "IP"  # unit vectors: inner product is cosine, and cheaper on milvus-lite
     sessions = [secrets.token_hex(16) for _ in range(16)]
     for n, sid in enumerate(sessions):
         _add(store, sid, [f"memory of session {n}"], n)
@@ -90,7 +93,7 @@ def test_collection_with_a_partition_key_still_works(tmp_path) -> None:
     client.create_collection("agemem_memories", schema=schema, index_params=index, consistency_level="Strong")
     client.close()
     store = MilvusMemoryStore(str(tmp_path / "legacy.db"), dim=DIM)
-    assert store._partitions == 0 and store._scope("abc") == {}
+    assert store._partitions == 0 and store._scope("abc") == {} and store._metric == "COSINE"
     _roundtrip(store)
     store.close()
 
