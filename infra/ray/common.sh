@@ -27,3 +27,13 @@ NODE_MANAGER_PORT="${RAY_NODE_MANAGER_PORT:-6380}"
 OBJECT_MANAGER_PORT="${RAY_OBJECT_MANAGER_PORT:-6381}"
 MIN_WORKER_PORT="${RAY_MIN_WORKER_PORT:-10002}"
 MAX_WORKER_PORT="${RAY_MAX_WORKER_PORT:-10999}"
+
+# `ray start` arguments every node takes (its address, the fixed ports, its GPUs and CPUs) in
+# NODE_ARGS; usage: node_args <ip> <gpus>.
+node_args() {
+  NODE_ARGS=(--node-ip-address "$1"
+    --node-manager-port "$NODE_MANAGER_PORT" --object-manager-port "$OBJECT_MANAGER_PORT"
+    --min-worker-port "$MIN_WORKER_PORT" --max-worker-port "$MAX_WORKER_PORT"
+    --num-gpus "$2")
+  if [ -n "${RAY_NUM_CPUS:-}" ]; then NODE_ARGS+=(--num-cpus "$RAY_NUM_CPUS"); fi
+}

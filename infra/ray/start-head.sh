@@ -12,13 +12,10 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 IP="$(detect_ip)"
 GPUS="$(detect_gpus)"
-ARGS=(--head --node-ip-address "$IP"
+node_args "$IP" "$GPUS"
+ARGS=(--head "${NODE_ARGS[@]}"
   --port "${RAY_GCS_PORT:-6379}"
   --dashboard-host "${RAY_DASHBOARD_HOST:-$IP}" --dashboard-port "${RAY_DASHBOARD_PORT:-8265}"
-  --ray-client-server-port "${RAY_CLIENT_PORT:-10001}"
-  --node-manager-port "$NODE_MANAGER_PORT" --object-manager-port "$OBJECT_MANAGER_PORT"
-  --min-worker-port "$MIN_WORKER_PORT" --max-worker-port "$MAX_WORKER_PORT"
-  --num-gpus "$GPUS")
-[ -n "${RAY_NUM_CPUS:-}" ] && ARGS+=(--num-cpus "$RAY_NUM_CPUS")
+  --ray-client-server-port "${RAY_CLIENT_PORT:-10001}")
 echo "ray head on $IP with $GPUS GPU(s); submit with AGEMEM_TRAIN__RAY_ADDRESS=http://$IP:${RAY_DASHBOARD_PORT:-8265}" >&2
 exec "$RAY" start "${ARGS[@]}" "$@"

@@ -17,10 +17,7 @@ GPUS="$(detect_gpus)"
 if [ "$GPUS" = "0" ]; then
   echo "warning: no GPU found on this node (set RAY_NUM_GPUS to override); verl rollout/training needs GPUs" >&2
 fi
-ARGS=(--address "$HEAD" --node-ip-address "$IP"
-  --node-manager-port "$NODE_MANAGER_PORT" --object-manager-port "$OBJECT_MANAGER_PORT"
-  --min-worker-port "$MIN_WORKER_PORT" --max-worker-port "$MAX_WORKER_PORT"
-  --num-gpus "$GPUS")
-[ -n "${RAY_NUM_CPUS:-}" ] && ARGS+=(--num-cpus "$RAY_NUM_CPUS")
+node_args "$IP" "$GPUS"
+ARGS=(--address "$HEAD" "${NODE_ARGS[@]}")
 echo "ray worker $IP with $GPUS GPU(s) joining $HEAD" >&2
 exec "$RAY" start "${ARGS[@]}" "$@"
