@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+from agemem.digests import update_with_file
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -202,9 +204,7 @@ def content_hash(paths: list[Path]) -> str:
             if file.name.lower() == "readme.md":
                 continue
             digest.update(str(file.relative_to(root) if root.is_dir() else file.name).encode())
-            with file.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
+            update_with_file(digest, file)
     return digest.hexdigest()
 
 

@@ -23,6 +23,8 @@ from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 
+from agemem.digests import update_with_file
+
 if TYPE_CHECKING:
     from prefect import Task
     from prefect.context import TaskRunContext
@@ -43,9 +45,6 @@ TRAIN_RETRIES: dict[str, Any] = {
     "retry_delay_seconds": exponential_backoff(backoff_factor=10),
     "retry_jitter_factor": 0.5,
 }
-
-CHUNK = 1 << 20
-
 
 def load(profile: str, overrides: Sequence[str] | None = None, **extra: str | None) -> "Settings":
     """Settings from flow parameters; ``extra`` adds ``key=value`` pairs after the overrides."""
@@ -71,9 +70,7 @@ def file_digest(paths: Sequence[str | Path]) -> str:
             if not file.exists():
                 digest.update(b"<missing>")
                 continue
-            with file.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(CHUNK), b""):
-                    digest.update(chunk)
+            update_with_file(digest, file)
     return digest.hexdigest()
 
 

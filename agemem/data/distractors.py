@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from agemem.data.episodes_io import (
     EpisodeFileError,
     append_line,
-    file_sha256,
     read_episodes,
     read_json,
     recover_partial,
@@ -41,6 +40,7 @@ from agemem.data.episodes_io import (
 )
 from agemem.data.records import Distractor, EpisodeScript
 from agemem.data.scripts import stage1_paragraphs
+from agemem.digests import file_sha256
 from agemem.llm import LLMClient, LLMError, build_llm_client
 
 if TYPE_CHECKING:

@@ -83,14 +83,6 @@ def read_json(path: Path | str) -> Any | None:
         return None
 
 
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def recover_partial(path: Path | str) -> dict[str, EpisodeScript]:
     """Completed episodes of an append-only partial file, by episode id.
 

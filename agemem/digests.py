@@ -1,0 +1,26 @@
+"""Streaming sha256 of files: data-file hashes, Prefect cache keys and registry content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def update_with_file(digest: Any, path: Path | str) -> None:
+    """Feed the bytes of ``path`` into ``digest`` (a ``hashlib`` object), 1 MiB at a time."""
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 hex digest of one file's bytes."""
+    digest = hashlib.sha256()
+    update_with_file(digest, path)
+    return digest.hexdigest()
+
+
+__all__ = ["file_sha256", "update_with_file"]
