@@ -7,7 +7,6 @@ training) steps; re-running after a crash resumes where it stopped.
 
 from __future__ import annotations
 
-from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from itertools import groupby
 
-import pytest
 
 from agemem.agent.context import ChatTokenizer
 from agemem.agent.episode import EpisodeEngine

@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from agemem.llm import build_llm_client
 from agemem.reward.judge import Judge, parse_grade
 from agemem.reward.metrics import exact_match, f1_score, normalize_answer
 from agemem.settings import load_settings
