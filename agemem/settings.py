@@ -8,13 +8,16 @@ project reads environment variables for configuration.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+import yaml
 
 from agemem.assets import SAMPLE_DATA, TOKENIZER_DIR
 
@@ -23,60 +26,84 @@ ENV_PREFIX = "AGEMEM_"
 LLMBackend = Literal["offline", "dashscope", "openai"]
 
 
-class DataSettings(BaseModel):
+class _Section(BaseModel):
+    """A settings section: a misspelt key is an error (with a suggestion), never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(_Section):
     """Where HotpotQA comes from and how episode scripts are built from it."""
 
+    # -- source ----------------------------------------------------------------------------------
     source: str = Field(
         "sample",
         description="'sample' (shipped), a hub name like 'hotpotqa/hotpot_qa', or a local file/directory.",
     )
-    hub_config: Literal["distractor", "fullwiki"] = "distractor"
-    split: str = Field("validation", description="Split to read from the hub or a local directory.")
-    limit: int | None = Field(None, ge=1, description="Keep only the first N records.")
-    output_dir: Path = Field(Path("runs/data"), description="Where episodes.jsonl and parquet land.")
-    seed: int = 42
-    stage1_turns: int = Field(1, ge=1, description="Casual user turns the stage-1 paragraphs are spread over.")
-    sentences_per_paragraph: int = Field(10, ge=1, description="As the reference: first 10 sentences.")
-    distractor_messages: int = Field(3, ge=0, description="Stage-2 distractor messages per episode.")
-    distractor_backend: Literal["offline", "llm"] = Field(
-        "offline", description="'llm' uses the llm section's client; 'offline' uses other records' paragraphs."
+    hub_config: Literal["distractor", "fullwiki"] = Field(
+        "distractor", description="HotpotQA hub config (the reference trains on 'fullwiki')."
     )
-    synth_concurrency: int = Field(8, ge=1)
-    synth_max_attempts: int = Field(3, ge=1, description="LLM distractor generations per slot before fallback.")
-    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of records held out for evaluation.")
+    split: str = Field("validation", description="Split to read from the hub or a local directory.")
+    limit: int | None = Field(None, ge=1, description="Keep only the first N records (None = all).")
     cache_dir: Path | None = Field(
         None,
         description="datasets cache. None: runs/cache/datasets for local files, the HF default for the hub.",
     )
+    output_dir: Path = Field(Path("runs/data"), description="Where scripts.jsonl, episodes.jsonl and stats land.")
+    # -- episode scripts --------------------------------------------------------------------------
+    seed: int = Field(42, description="Seed of paragraph order, openers and offline distractors (per record).")
+    stage1_turns: int = Field(1, ge=1, description="Casual user turns the stage-1 paragraphs are spread over.")
+    sentences_per_paragraph: int = Field(10, ge=1, description="Sentences kept per paragraph (reference: 10).")
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of records held out for evaluation.")
+    # -- stage-2 distractors ----------------------------------------------------------------------
+    distractor_messages: int = Field(3, ge=0, description="Stage-2 distractor messages per episode.")
+    distractor_backend: Literal["offline", "llm"] = Field(
+        "offline", description="'llm' uses the llm section's client; 'offline' uses other records' paragraphs."
+    )
+    synth_concurrency: int = Field(8, ge=1, description="Episodes whose LLM distractors are written at once.")
+    synth_max_attempts: int = Field(3, ge=1, description="LLM distractor generations per slot before fallback.")
     distractors_per_call: int = Field(
         0, ge=0, description="LLM distractors asked for per call; 0 = all of an episode's open slots in one call."
     )
     distractor_min_chars: int = Field(20, ge=1, description="Shorter LLM distractors are regenerated.")
     distractor_max_chars: int = Field(400, ge=20, description="Longer LLM distractors are regenerated.")
 
+    @model_validator(mode="after")
+    def _distractor_bounds(self) -> "DataSettings":
+        if self.distractor_min_chars >= self.distractor_max_chars:
+            raise ValueError(f"distractor_min_chars ({self.distractor_min_chars}) must be below "
+                             f"distractor_max_chars ({self.distractor_max_chars})")
+        return self
 
-class LLMSettings(BaseModel):
+
+class LLMSettings(_Section):
     """The auxiliary LLM (summaries, distractors); also the base for the judge."""
 
-    backend: LLMBackend = "offline"
-    model: str = "qwen-max"
+    backend: LLMBackend = Field("offline", description="'offline' (no model), 'dashscope' or 'openai' (any URL).")
+    model: str = Field("qwen-max", description="Model name at the backend.")
     base_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://host:8000/v1.")
-    api_key: SecretStr | None = Field(None, description="DashScope or OpenAI-compatible key.")
-    timeout_s: float = Field(60.0, gt=0)
+    api_key: SecretStr | None = Field(None, description="DashScope or OpenAI-compatible key (never logged).")
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one call.")
     max_retries: int = Field(3, ge=0, description="Retries after the first attempt, on transient errors only.")
     backoff_s: float = Field(1.0, ge=0, description="First backoff; doubles per retry.")
-    concurrency: int = Field(8, ge=1)
-    temperature: float = Field(0.7, ge=0)
-    max_tokens: int = Field(512, ge=1)
-    seed: int | None = 42
+    concurrency: int = Field(8, ge=1, description="Calls in flight at once (per client).")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of the auxiliary LLM.")
+    max_tokens: int = Field(512, ge=1, description="Completion cap of one call.")
+    seed: int | None = Field(42, description="Sampling seed sent to backends that take one.")
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> "LLMSettings":
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
 
 
 class JudgeSettings(LLMSettings):
     """The answer / memory-quality judge. Offline means EM/F1 and embedding similarity."""
 
-    temperature: float = 0.0
-    max_tokens: int = 16
-    cache: bool = True
+    temperature: float = Field(0.0, ge=0, description="Judge sampling temperature (0: deterministic grades).")
+    max_tokens: int = Field(16, ge=1, description="A grade is one number: a short completion.")
+    cache: bool = Field(True, description="Cache judge grades by (question, gold, prediction).")
     parse_retries: int = Field(2, ge=0, description="Extra judge calls when the reply is not a bare 0-1 number.")
     offline_metric: Literal["f1", "em"] = Field("f1", description="Offline/fallback answer score: token F1 or EM.")
     memory_match_threshold: float = Field(
@@ -84,37 +111,13 @@ class JudgeSettings(LLMSettings):
     )
 
 
-class MemorySettings(BaseModel):
+class MemorySettings(_Section):
     """Milvus store, embedder and the memory tool server."""
 
+    # -- store ------------------------------------------------------------------------------------
     uri: str = Field("runs/memory.db", description="milvus-lite path, or http://host:19530 for Milvus.")
     token: SecretStr | None = Field(None, description="Milvus auth token (standalone/cluster).")
-    collection: str = "agemem_memories"
-    embedding_model: str | None = Field(
-        None, description="sentence-transformers model name or path; default: the bundled all-MiniLM-L6-v2."
-    )
-    embedding_device: str = "cpu"
-    embed_batch_size: int = Field(64, ge=1, description="Most texts of concurrent requests embedded in one call.")
-    embed_forward_batch_size: int = Field(
-        16, ge=1, description="Texts per forward pass inside that call, grouped by length (less padding)."
-    )
-    embed_batch_wait_ms: float = Field(3.0, ge=0)
-    embedding_threads: int = Field(
-        0, ge=0, description="torch CPU threads of the tool server process; 0 = torch's default (all cores)."
-    )
-    embed_cache_size: int = Field(
-        4096, ge=0, description="Texts whose vectors the server keeps (LRU; GRPO siblings repeat texts). 0 = off."
-    )
-    max_content_bytes: int = Field(8192, ge=1)
-    max_body_bytes: int = Field(65536, ge=1024)
-    max_top_k: int = Field(20, ge=1)
-    default_top_k: int = Field(3, ge=1)
-    host: str = "127.0.0.1"
-    port: int = Field(8765, ge=0, le=65535)
-    server_url: str | None = Field(None, description="Use this running tool server; None = in-process store.")
-    server_token: SecretStr | None = Field(None, description="Required on POST /sessions when set.")
-    request_timeout_s: float = Field(10.0, gt=0)
-    client_retries: int = Field(3, ge=0)
+    collection: str = Field("agemem_memories", description="Milvus collection holding every session's memories.")
     connect_timeout_s: float = Field(
         5.0, gt=0, description="Milvus connect timeout: an unreachable AGEMEM_MEMORY__URI fails after this."
     )
@@ -132,71 +135,133 @@ class MemorySettings(BaseModel):
         description="Partitions sessions are hashed into when the collection is made; a session's searches read "
         "only its own (Milvus allows 1024 per collection by default).",
     )
+    # -- embedder ---------------------------------------------------------------------------------
+    embedding_model: str | None = Field(
+        None, description="sentence-transformers model name or path; default: the bundled all-MiniLM-L6-v2."
+    )
+    embedding_device: str = Field("cpu", description="Device of the embedding model ('cpu', 'cuda', 'cuda:1').")
+    embed_batch_size: int = Field(64, ge=1, description="Most texts of concurrent requests embedded in one call.")
+    embed_forward_batch_size: int = Field(
+        16, ge=1, description="Texts per forward pass inside that call, grouped by length (less padding)."
+    )
+    embed_batch_wait_ms: float = Field(3.0, ge=0, description="How long a call waits for more texts to batch.")
+    embedding_threads: int = Field(
+        0, ge=0, description="torch CPU threads of the tool server process; 0 = torch's default (all cores)."
+    )
+    embed_cache_size: int = Field(
+        4096, ge=0, description="Texts whose vectors the server keeps (LRU; GRPO siblings repeat texts). 0 = off."
+    )
+    # -- tools and limits -------------------------------------------------------------------------
+    max_content_bytes: int = Field(8192, ge=1, description="Largest memory content (UTF-8 bytes).")
+    max_body_bytes: int = Field(65536, ge=1024, description="Largest HTTP request body of the tool server.")
+    max_top_k: int = Field(20, ge=1, description="Most memories one Retrieve_memory may return.")
+    default_top_k: int = Field(3, ge=1, description="Memories Retrieve_memory returns when top_k is not given.")
+    # -- tool server ------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface the tool server binds.")
+    port: int = Field(8765, ge=0, le=65535, description="Port of the tool server (0 = a free port).")
+    server_url: str | None = Field(None, description="Use this running tool server; None = in-process store.")
+    server_token: SecretStr | None = Field(None, description="Required on POST /sessions when set.")
+    request_timeout_s: float = Field(10.0, gt=0, description="Client timeout of one tool-server request.")
+    client_retries: int = Field(3, ge=0, description="Client retries of a tool-server request that never arrived.")
+
+    @model_validator(mode="after")
+    def _top_k_bounds(self) -> "MemorySettings":
+        if self.default_top_k > self.max_top_k:
+            raise ValueError(f"default_top_k ({self.default_top_k}) must not exceed max_top_k ({self.max_top_k})")
+        return self
 
 
-class EpisodeSettings(BaseModel):
-    """The three-stage episode: rounds, context budget, context tools, sampling."""
+class EpisodeSettings(_Section):
+    """The three-stage episode: rounds, context budget, context tools, sampling, reward preset."""
 
-    tokenizer: str = Field(str(TOKENIZER_DIR), description="Tokenizer for budget counting (policy's).")
-    max_context_tokens: int = Field(8192, ge=256)
-    stage1_max_rounds: int = Field(5, ge=1)
-    stage2_max_rounds: int = Field(5, ge=1)
-    stage3_max_rounds: int = Field(5, ge=1)
+    # -- budget and rounds ------------------------------------------------------------------------
+    tokenizer: str = Field(
+        str(TOKENIZER_DIR),
+        description="Tokenizer counting the budget where the policy's own is not at hand (chat endpoints, data "
+        "stats); token-level training and evaluation count with the model's tokenizer.",
+    )
+    max_context_tokens: int = Field(8192, ge=256, description="Context budget in prompt tokens (policy tokenizer).")
+    stage1_max_rounds: int = Field(5, ge=1, description="Model calls per stage-1 message.")
+    stage2_max_rounds: int = Field(5, ge=1, description="Model calls per distractor message.")
+    stage3_max_rounds: int = Field(5, ge=1, description="Model calls for the question.")
     max_turn_tokens: int = Field(512, ge=1, description="Cap on one model turn (sampling max_tokens).")
+    overflow_policy: Literal["truncate", "end_stage"] = Field(
+        "truncate", description="Over budget: drop the oldest rewritable messages, or end the stage."
+    )
+    auto_summary_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="End a stage message when the context exceeds this share of the budget after a round "
+        "without an answer (the reference's 0.8). None: the reward preset's value (official-code 0.8, "
+        "paper: off); 1.0 turns it off.",
+    )
+    # -- sampling ---------------------------------------------------------------------------------
     temperature: float = Field(0.6, ge=0, description="Applied to every rollout (the reference ignored it).")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
+    # -- tools ------------------------------------------------------------------------------------
+    use_context_tools: bool = Field(
+        True, description="Offer Summary/Filter/Retrieve; False is the ablation with automatic retrieval."
+    )
+    enable_stage2: bool = Field(True, description="Run the distractor stage (False: the ablation without it).")
     filter_threshold: float = Field(0.6, ge=0, le=1, description="Filter_context removes similarity >= this.")
-    overflow_policy: Literal["truncate", "end_stage"] = "truncate"
-    use_context_tools: bool = True
-    enable_stage2: bool = True
     manual_retrieve_top_k: int = Field(3, ge=1, description="Auto-retrieval when context tools are off.")
-    max_tool_calls_per_turn: int = Field(8, ge=1)
-    reward_preset: Literal["paper", "official-code"] = "paper"
+    max_tool_calls_per_turn: int = Field(8, ge=1, description="Tool calls of one reply that are executed.")
+    summary_max_tokens: int = Field(256, ge=16, description="Cap on one Summary_context LLM summary.")
+    max_tool_result_chars: int = Field(2000, ge=64, description="Tool results longer than this are cut.")
+    # -- reward -----------------------------------------------------------------------------------
+    reward_preset: Literal["paper", "official-code"] = Field(
+        "paper", description="Reward weights: the paper's (uniform) or the released code's."
+    )
     reward_overrides: dict[str, Any] = Field(
         default_factory=dict, description="RewardConfig fields overriding the preset, e.g. {'clip_max': 2.0}."
     )
-    summary_max_tokens: int = Field(256, ge=16, description="Cap on one Summary_context LLM summary.")
-    max_tool_result_chars: int = Field(2000, ge=64, description="Tool results longer than this are cut.")
     coverage_threshold: float = Field(
         0.8, ge=0, le=1, description="Token recall at which a gold fact counts as present in a text (stats)."
     )
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(_Section):
     """GRPO training, for the local trainer and for verl."""
 
-    backend: Literal["local", "verl"] = "local"
+    # -- what is trained --------------------------------------------------------------------------
+    backend: Literal["local", "verl"] = Field("local", description="'local' (CPU / one GPU) or 'verl' (GPUs, Ray).")
     model: str = Field(
         "tiny-random-qwen2",
         description="HF name or path, a .gguf file or a folder holding one (local trainer / eval); "
         "'tiny-random-qwen2' builds a random-weight test model.",
     )
-    rollouts_per_prompt: int = Field(8, ge=1)
-    tasks_per_batch: int = Field(16, ge=1)
-    total_steps: int = Field(100, ge=1)
-    total_epochs: int = Field(20, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    lora_rank: int = Field(32, ge=0, description="0 = full fine-tune.")
-    lora_alpha: int = Field(32, ge=1)
-    lora_target_modules: str = "all-linear"
-    kl_coef: float = Field(0.001, ge=0)
-    kl_loss_type: str = "low_var_kl"
-    clip_ratio: float = Field(0.2, gt=0)
-    max_prompt_length: int = Field(8192, ge=16)
-    max_response_length: int = Field(2048, ge=16)
-    n_gpus_per_node: int = Field(8, ge=0)
-    nnodes: int = Field(1, ge=1)
-    ray_address: str | None = Field(None, description="ray job submit target; None = local Ray.")
-    output_dir: Path = Path("runs/checkpoints")
-    save_every: int = Field(1, ge=1)
-    torch_threads: int = Field(1, ge=1, description="CPU threads (1 measured fastest on 2-core machines).")
-    seed: int = 42
-    extra_overrides: list[str] = Field(default_factory=list, description="Extra verl Hydra overrides.")
-    device: str = Field("auto", description="Local trainer device: 'auto' (cuda if available), 'cpu', 'cuda:0'.")
-    ppo_epochs: int = Field(1, ge=1, description="Optimisation passes over one batch of rollouts (local).")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip (local and verl actor).")
     tiny_hidden_size: int = Field(64, ge=8, description="Hidden size of 'tiny-random-qwen2' (random weights).")
     tiny_num_layers: int = Field(2, ge=1, description="Layers of 'tiny-random-qwen2'.")
+    lora_rank: int = Field(32, ge=0, description="LoRA rank; 0 = full fine-tune.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / rank).")
+    lora_target_modules: str = Field("all-linear", description="'all-linear' or comma-separated module names.")
+    # -- GRPO -------------------------------------------------------------------------------------
+    rollouts_per_prompt: int = Field(8, ge=1, description="GRPO group size: trajectories per task.")
+    tasks_per_batch: int = Field(16, ge=1, description="Tasks (episode scripts) per training step.")
+    total_steps: int = Field(100, ge=1, description="Training steps (a longer run resumes a shorter one).")
+    total_epochs: int = Field(20, ge=1, description="verl trainer.total_epochs (the step count stops first).")
+    lr: float = Field(1e-5, gt=0, description="Learning rate (AdamW).")
+    kl_coef: float = Field(0.001, ge=0, description="KL-loss coefficient to the reference policy (paper: 0.1).")
+    kl_loss_type: str = Field("low_var_kl", description="verl's kl_penalty type of the KL loss.")
+    clip_ratio: float = Field(0.2, gt=0, description="PPO clip ratio of the policy loss.")
+    ppo_epochs: int = Field(1, ge=1, description="Optimisation passes over one batch of rollouts (local).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip (local and verl actor).")
+    seed: int = Field(42, description="Seed of the batch order, initialisation and sampling.")
+    # -- lengths ----------------------------------------------------------------------------------
+    max_prompt_length: int = Field(8192, ge=16, description="verl data.max_prompt_length: a segment's prompt.")
+    max_response_length: int = Field(2048, ge=16, description="verl data.max_response_length: a segment's response.")
+    # -- checkpoints ------------------------------------------------------------------------------
+    output_dir: Path = Field(Path("runs/checkpoints"), description="Checkpoints (local: one folder per config).")
+    save_every: int = Field(1, ge=1, description="Steps between checkpoints (the last step is always saved).")
+    keep_checkpoints: int = Field(3, ge=0, description="Local trainer: newest step checkpoints kept (0 = all).")
+    # -- local trainer ----------------------------------------------------------------------------
+    device: str = Field("auto", description="Local trainer device: 'auto' (cuda if available), 'cpu', 'cuda:0'.")
+    torch_threads: int = Field(1, ge=1, description="CPU threads (1 measured fastest on 2-core machines).")
+    # -- verl -------------------------------------------------------------------------------------
+    n_gpus_per_node: int = Field(8, ge=0, description="verl trainer.n_gpus_per_node.")
+    nnodes: int = Field(1, ge=1, description="verl trainer.nnodes.")
+    ray_address: str | None = Field(None, description="ray job submit target; None = local Ray.")
     rollout_engine: Literal["vllm", "sglang"] = Field("vllm", description="verl rollout engine (GPU only).")
     rollout_tp: int = Field(1, ge=1, description="verl rollout tensor-parallel size.")
     gpu_memory_utilization: float = Field(0.6, gt=0, le=1, description="vLLM/SGLang KV-cache share.")
@@ -206,37 +271,44 @@ class TrainSettings(BaseModel):
     max_tool_response_length: int = Field(
         8192, ge=256, description="verl multi_turn.max_tool_response_length in characters (default 256)."
     )
-    keep_checkpoints: int = Field(3, ge=0, description="Local trainer: newest step checkpoints kept (0 = all).")
     experiment_name: str = Field("agemem-grpo", description="verl trainer.experiment_name / local run label.")
+    extra_overrides: list[str] = Field(
+        default_factory=list, description="Extra verl Hydra overrides ('key=value'); they win over ours."
+    )
 
 
-class EvalSettings(BaseModel):
-    """Evaluation runs (also the paper's ablations)."""
+class EvalSettings(_Section):
+    """Evaluation runs (also the paper's ablations, through the episode section's flags)."""
 
-    limit: int | None = Field(None, ge=1)
-    policy: Literal["checkpoint", "openai", "dashscope", "scripted"] = "checkpoint"
+    policy: Literal["checkpoint", "openai", "dashscope", "scripted"] = Field(
+        "checkpoint", description="What plays: a local checkpoint, an endpoint, or the scripted agent."
+    )
     model: str | None = Field(None, description="Checkpoint path or endpoint model name.")
-    base_url: str | None = None
-    use_context_tools: bool = True
-    enable_stage2: bool = True
-    memory_eval_top_k: int = Field(20, ge=1)
-    concurrency: int = Field(4, ge=1)
-    output_dir: Path = Path("runs/eval")
+    base_url: str | None = Field(None, description="OpenAI-compatible URL of the policy endpoint (policy=openai).")
+    api_key: SecretStr | None = Field(None, description="Key for the openai/dashscope policy endpoint.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-turn timeout of an endpoint policy.")
     split: Literal["eval", "train", "all"] = Field(
         "eval", description="Which episodes to evaluate; 'eval' falls back to all when the file has none."
     )
-    api_key: SecretStr | None = Field(None, description="Key for the openai/dashscope policy endpoint.")
-    timeout_s: float = Field(120.0, gt=0, description="Per-turn timeout of an endpoint policy.")
+    limit: int | None = Field(None, ge=1, description="Evaluate the first N episodes (None = all).")
+    concurrency: int = Field(4, ge=1, description="Episodes evaluated at once.")
+    output_dir: Path = Field(Path("runs/eval"), description="Reports land in <output_dir>/<policy>-<time>.")
+
+    @model_validator(mode="after")
+    def _endpoint_needs(self) -> "EvalSettings":
+        if self.policy == "openai" and not self.base_url:
+            raise ValueError("policy 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
 
 
-class TrackingSettings(BaseModel):
+class TrackingSettings(_Section):
     """MLflow tracking and registry."""
 
-    tracking_uri: str | None = Field(None, description="None = sqlite store under runs_dir.")
-    experiment: str = "agemem"
-    registered_model: str = "agemem-policy"
+    tracking_uri: str | None = Field(None, description="None = MLFLOW_TRACKING_URI, else sqlite under runs_dir.")
+    experiment: str = Field("agemem", description="MLflow experiment of every run.")
+    registered_model: str = Field("agemem-policy", description="Registered model every trained policy goes to.")
     gate_metric: str = Field("judge_score", description="Eval aggregate the champion gate compares (J).")
-    gate_min_delta: float = 0.0
+    gate_min_delta: float = Field(0.0, description="The candidate must beat the champion by more than this.")
     log_merged_model: bool | None = Field(
         None, description="Also log the merged HF model; None = only when the base model cannot be reloaded by name."
     )
@@ -338,7 +410,9 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    profile: Literal["smoke", "paper"] = "smoke"
+    profile: Literal["smoke", "paper"] = Field(
+        "smoke", description="Values under env vars and flags: 'smoke' (CPU, shipped sample, tiny model) or 'paper'."
+    )
     runs_dir: Path = Field(Path("runs"), description="Root for data, checkpoints, stores, reports.")
     dashscope_api_key: SecretStr | None = Field(
         None, validation_alias="DASHSCOPE_API_KEY", description="Used by every dashscope backend without a key."
@@ -356,6 +430,16 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        """Rules across sections, checked before anything runs."""
+        if self.train.max_prompt_length < self.episode.max_context_tokens:
+            raise ValueError(
+                f"train.max_prompt_length ({self.train.max_prompt_length}) must be at least "
+                f"episode.max_context_tokens ({self.episode.max_context_tokens}): a segment's prompt is the context"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -410,8 +494,6 @@ class Settings(BaseSettings):
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """``["train.lr=2e-5", "data.limit=10"]`` -> nested dict (values parsed as YAML scalars)."""
-    import yaml
-
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -425,28 +507,119 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {pair!r}: {part!r} is a value, not a section")
         node[leaf] = value
+    return out
+
+
+# ------------------------------------------------------------------------------ keys and sources
+SECTIONS: tuple[str, ...] = ("data", "llm", "judge", "memory", "episode", "train", "eval", "tracking")
+
+
+def setting_keys() -> dict[str, str]:
+    """Every settable key (``section.field`` or a top-level field) with its description."""
+    keys: dict[str, str] = {}
+    for name, info in Settings.model_fields.items():
+        if name in SECTIONS:
+            section = info.annotation
+            for field_name, field_info in section.model_fields.items():  # type: ignore[union-attr]
+                keys[f"{name}.{field_name}"] = field_info.description or ""
+        else:
+            keys[name] = info.description or ""
+    return keys
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and prefix == "":  # top-level dicts are sections (or misspelt ones)
+            out.update(_flat(value, f"{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _env_key(name: str) -> str | None:
+    """``AGEMEM_TRAIN__LR`` -> ``train.lr`` (None for names outside the prefix)."""
+    if not name.upper().startswith(ENV_PREFIX):
+        return None
+    return name[len(ENV_PREFIX):].lower().replace("__", ".")
+
+
+def _dotenv_values() -> dict[str, str]:
+    path = Path(".env")
+    if not path.is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def _unknown_key_error(key: str, origin: str) -> str:
+    known = setting_keys()
+    hint = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    suggestion = f"; did you mean '{hint[0]}'?" if hint else "; `agemem config keys` lists every key"
+    return f"unknown setting '{key}' ({origin}){suggestion}"
+
+
+def check_keys(overrides: dict[str, Any]) -> None:
+    """Refuse unknown keys from flags, ``AGEMEM_*`` env vars and ``.env``, naming the closest key."""
+    known = setting_keys()
+    problems = [_unknown_key_error(k, "--set") for k in _flat(overrides) if k not in known]
+    for origin, names in (("env", list(os.environ)), (".env", list(_dotenv_values()))):
+        for name in names:
+            key = _env_key(name)
+            if key is not None and key not in known:
+                problems.append(_unknown_key_error(key, f"{origin} {name}"))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def explain_settings(profile: str | None = None, overrides: dict[str, Any] | list[str] | None = None
+                     ) -> list[tuple[str, Any, str]]:
+    """``(key, value, source)`` for every key, source one of default / profile / .env / env / flag."""
+    init = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    settings = load_settings(profile, init)
+    flags = _flat({**init, **({"profile": profile} if profile is not None else {})})
+    env = {_env_key(n) for n in os.environ} - {None}
+    if "DASHSCOPE_API_KEY" in os.environ:
+        env.add("dashscope_api_key")
+    dotenv = {_env_key(n) for n in _dotenv_values()} - {None}
+    from_profile = _flat(PROFILES[settings.profile])
+    values = _flat(settings.public_dict())
+    out = []
+    for key in setting_keys():
+        source = ("flag" if key in flags else "env" if key in env else ".env" if key in dotenv
+                  else "profile" if key in from_profile else "default")
+        out.append((key, values.get(key), source))
     return out
 
 
 def load_settings(profile: str | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Settings:
     """Build settings for a profile plus overrides, with env vars in between.
 
-    Raises ``ValueError`` naming the offending key when a value is malformed.
+    Raises ``ValueError`` naming the offending key when a key is unknown or a value is malformed.
     """
-    from pydantic import ValidationError
-
     init: dict[str, Any] = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     if profile is not None:
         init["profile"] = profile
+    check_keys(init)
     try:
         return Settings(**init)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in exc.errors()
-        )
-        hint = f" (env prefix {ENV_PREFIX}, nested with '__')"
-        raise ValueError(f"invalid settings: {problems}{hint}") from None
+        problems = "; ".join(_describe_error(err) for err in exc.errors())
+        raise ValueError(f"invalid settings: {problems}") from None
+
+
+def _describe_error(err: Any) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "settings"
+    if err["type"] == "extra_forbidden":
+        return _unknown_key_error(key, "value")
+    env = f"{ENV_PREFIX}{key.upper().replace('.', '__')}"
+    shown = err.get("input")
+    return f"{key}: {err['msg'].removeprefix('Value error, ')} (got {shown!r}; env {env})" if "." in key or \
+        key in Settings.model_fields else f"{key}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def offline_env() -> dict[str, str]:
@@ -459,6 +632,10 @@ def offline_env() -> dict[str, str]:
 
 
 __all__ = [
+    "SECTIONS",
+    "check_keys",
+    "explain_settings",
+    "setting_keys",
     "DataSettings",
     "EpisodeSettings",
     "EvalSettings",

@@ -2,7 +2,7 @@
 
 Runs episodes one at a time (so no time is spent waiting on another episode's generation),
 each as a GRPO group of ``--rollouts`` siblings as the trainer does,
-through the same path the local trainer uses: ``run_episode`` -> ``EpisodeEngine.run_tokens`` ->
+through the same path the local trainer uses: ``EpisodeEngine.run_tokens`` ->
 the policy model on CPU (tiny random Qwen2 by default), with the in-process memory store
 (milvus-lite) and the offline judge. Prints a markdown table per episode, the total and the command.
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shlex
 import sys
@@ -102,29 +101,28 @@ async def main(args: argparse.Namespace) -> None:
     import torch
 
     from agemem.agent.context import ChatTokenizer
-    from agemem.agent.scripted import ScriptedTokenPolicy, episode_from_raw
-    from agemem.agent.runner import build_engine, run_episode
-    from agemem.assets import SAMPLE_DATA
-    from agemem.settings import load_settings
-    from agemem.train.local import resolve_device
-    from agemem.train.tiny_model import is_tiny, load_policy_model, load_tokenizer
+    from agemem.agent.episode import EpisodeEngine
+    from agemem.agent.scripted import ScriptedTokenPolicy
+    from agemem.data.samples import sample_episodes
+    from agemem.settings import explain_settings, load_settings
+    from agemem.train.models import is_tiny, load_policy_model, load_tokenizer, resolve_device
     from agemem.train.token_server import LocalTokenServer
 
     overrides = list(args.set or [])
     if args.runs_dir:
         overrides.append(f"runs_dir={args.runs_dir}")
+    turn_source = next(src for key, _, src in explain_settings(args.profile, overrides) if key == "episode.max_turn_tokens")
+    if args.policy == "forced" and turn_source in ("default", "profile"):
+        overrides.append(f"episode.max_turn_tokens={FORCED_MIN_TURN_TOKENS}")
     settings = load_settings(args.profile, overrides)
-    if args.policy == "forced" and settings.episode.max_turn_tokens < FORCED_MIN_TURN_TOKENS:
-        if not any(o.startswith("episode.max_turn_tokens=") for o in overrides):
-            settings.episode.max_turn_tokens = FORCED_MIN_TURN_TOKENS
     torch.set_num_threads(settings.train.torch_threads)
     device = resolve_device(settings.train.device)
     tokenizer = load_tokenizer(settings)
     model = load_policy_model(settings, tokenizer, device=device).eval()
     server = LocalTokenServer(model, tokenizer, device=device, default_max_tokens=settings.episode.max_turn_tokens)
-    records = json.loads(SAMPLE_DATA.read_text())
-    scripts = [episode_from_raw(records, i % len(records)) for i in range(args.episodes)]
-    engine, closers = await build_engine(settings, tokenizer=tokenizer)
+    episodes = sample_episodes(settings)
+    scripts = [episodes[i % len(episodes)] for i in range(args.episodes)]
+    engine = EpisodeEngine.from_settings(settings, tokenizer=tokenizer)
     chat_tokenizer = ChatTokenizer(tokenizer)
 
     def policy_for(script: Any) -> Any:
@@ -135,7 +133,7 @@ async def main(args: argparse.Namespace) -> None:
     rows = []
     try:
         # Warm-up: embedder load and first-call costs are startup, not per-episode overhead.
-        await run_episode(engine, scripts[0], policy_for(scripts[0]), trajectory_id="warmup")
+        await engine.run_tokens(scripts[0], policy_for(scripts[0]), request_id="warmup")
         # Like the trainer: each script runs as a GRPO group of `rollouts` siblings (here one at a time).
         rollouts = args.rollouts or settings.train.rollouts_per_prompt
         runs = [(script, k) for script in scripts for k in range(rollouts)]
@@ -143,7 +141,7 @@ async def main(args: argparse.Namespace) -> None:
             server.stats.reset()
             policy = policy_for(script)
             t0 = time.perf_counter()
-            result = await run_episode(engine, script, policy, trajectory_id=f"bench-{i}")
+            result = await engine.run_tokens(script, policy, request_id=f"bench-{i}")
             wall = time.perf_counter() - t0
             if isinstance(policy, ForcedDecodePolicy):
                 gen, aside, calls, toks = policy.generate_s, policy.script_s, policy.calls, policy.tokens
@@ -154,8 +152,7 @@ async def main(args: argparse.Namespace) -> None:
             rows.append((f"{script.episode_id[:12]}#{k}", wall, gen, s.judge_s, max(0.0, wall - gen - s.judge_s),
                          calls, toks, s.tool_call_count))
     finally:
-        for close in closers:
-            await close()
+        await engine.aclose()
 
     print(f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
     size = f" hidden={settings.train.tiny_hidden_size}" if is_tiny(settings.train.model) else ""

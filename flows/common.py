@@ -5,8 +5,8 @@ Flows take ``profile`` + ``overrides`` (a list of ``"section.key=value"``) and b
 the CLI's ``--profile``/``--set``.
 
 Caching: an expensive deterministic task's key is the hash of its plain inputs (Prefect's
-``INPUTS``, minus the ``settings`` object), the settings sections that shape its output
-(:class:`SettingsSlice`) and the bytes of its input files (:class:`FileContents`). Results persist
+``INPUTS``, minus the ``settings`` object), the hash the producing module computes from the
+settings (:class:`SettingsHash`) and the bytes of its input files (:class:`FileContents`). Results persist
 under ``tracking.prefect_results_dir``, so a later process (a re-run after a crash) finds them.
 """
 
@@ -15,21 +15,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 
+from agemem import tracking
+from agemem.eval.report import markdown_table
+from agemem.settings import Settings, load_settings
 from agemem.digests import update_with_file
 
 if TYPE_CHECKING:
     from prefect import Task
     from prefect.context import TaskRunContext
-
-    from agemem.settings import Settings
 
 #: Options for tasks that touch the outside (downloads, LLM calls, judge, training launch,
 #: registry): transient failures are retried after 2 s, 4 s, 8 s (+ up to 50 % jitter, so many
@@ -48,8 +49,6 @@ TRAIN_RETRIES: dict[str, Any] = {
 
 def load(profile: str, overrides: Sequence[str] | None = None, **extra: str | None) -> "Settings":
     """Settings from flow parameters; ``extra`` adds ``key=value`` pairs after the overrides."""
-    from agemem.settings import load_settings
-
     pairs = list(overrides or [])
     pairs += [f"{key}={value}" for key, value in extra.items() if value is not None]
     settings = load_settings(profile, pairs)
@@ -96,40 +95,35 @@ class FileContents(CachePolicy):
 
 
 @dataclass
-class SettingsSlice(CachePolicy):
-    """Cache key part: the settings sections that shape a task's output (plus ``runs_dir``).
+class SettingsHash(CachePolicy):
+    """Cache key part: the hash the producing module itself computes from the settings.
 
-    Secrets are masked by ``model_dump(mode="json")``, so keys never carry them; a changed
-    ``train.lr`` does not invalidate the data steps because they key on ``data`` only.
+    ``hasher`` is that module's input-hash function (e.g. :func:`agemem.train.run.inputs_hash`), so a
+    task's cache key can never list fewer settings than the output depends on: there is one list,
+    in the module. ``runs_dir`` is added because every output lives under it.
     """
 
-    sections: tuple[str, ...] = ()
-    fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    hasher: Callable[["Settings"], str] | None = None
 
     def compute_key(self, task_ctx: "TaskRunContext", inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         settings = inputs.get("settings")
-        if settings is None:
+        if settings is None or self.hasher is None:
             return None
-        dump = settings.model_dump(mode="json")
-        picked: dict[str, Any] = {"runs_dir": dump["runs_dir"]}
-        for section in self.sections:
-            picked[section] = dump[section]
-        for section, names in self.fields.items():
-            picked[f"{section}.*"] = {name: dump[section][name] for name in names}
-        return hash_objects(picked, raise_on_failure=True)
+        return hash_objects({"runs_dir": str(settings.runs_dir), "settings": self.hasher(settings)},
+                            raise_on_failure=True)
 
 
-def cache_policy(*, files: tuple[str, ...] = (), sections: tuple[str, ...] = (),
-                 fields: Mapping[str, tuple[str, ...]] | None = None, exclude: tuple[str, ...] = ()) -> CachePolicy:
-    """``INPUTS`` (without the settings object and ``exclude``) + file contents + a settings slice.
+def cache_policy(*, hasher: Callable[["Settings"], str], files: tuple[str, ...] = (),
+                 exclude: tuple[str, ...] = ()) -> CachePolicy:
+    """``INPUTS`` (without the settings object and ``exclude``) + file contents + the module's settings hash.
 
     ``exclude``: inputs that do not change the output (an MLflow run id to log into).
     """
     inputs = INPUTS - "settings"
     for name in exclude:
         inputs = inputs - name
-    return inputs + FileContents(params=files) + SettingsSlice(sections=sections, fields=fields or {})
+    return inputs + FileContents(params=files) + SettingsHash(hasher=hasher)
 
 
 def results_dir(settings: "Settings") -> Path:
@@ -162,16 +156,12 @@ def run_cached(task: "Task", settings: "Settings", must_exist: Sequence[str], /,
 @contextlib.contextmanager
 def stage(settings: "Settings", parent_run_id: str | None, name: str) -> Iterator[str]:
     """An MLflow child run for one stage (top-level when the flow runs on its own)."""
-    from agemem import tracking
-
     with tracking.stage_run(settings, parent_run_id, name) as run_id:
         yield run_id
 
 
 def mark_cached(settings: "Settings", run_id: str, cached: bool) -> None:
     """Tag a stage run whose work came from the Prefect cache (``agemem.cached``)."""
-    from agemem import tracking
-
     tracking.configure(settings).set_tag(run_id, "agemem.cached", str(cached).lower())
 
 
@@ -186,8 +176,6 @@ def timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    from agemem.eval.report import markdown_table
-
     return markdown_table(headers, rows)
 
 
@@ -195,7 +183,7 @@ __all__ = [
     "OUTSIDE_RETRIES",
     "TRAIN_RETRIES",
     "FileContents",
-    "SettingsSlice",
+    "SettingsHash",
     "cache_policy",
     "file_digest",
     "load",

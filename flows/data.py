@@ -17,6 +17,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from agemem import tracking
+from agemem.data.distractors import EPISODES_STATS, synth_settings_hash, synthesize
+from agemem.data.episodes_io import read_json
+from agemem.data.hotpot import resolve_source
+from agemem.data.prepare import SCRIPTS_STATS, input_hash, prepare_scripts, scripts_path
 from flows.common import OUTSIDE_RETRIES, cache_policy, load, mark_cached, run_cached, stage
 
 DATA_STATS_KEY = "agemem-data-stats"
@@ -24,33 +29,24 @@ DATA_STATS_KEY = "agemem-data-stats"
 
 def source_files(settings: Any) -> list[str]:
     """Local files behind ``data.source`` (empty for a hub dataset: its name is in the key)."""
-    from agemem.data.hotpot import resolve_source
-
     _, _, files = resolve_source(settings.data.source)
     return [str(f) for f in files]
 
 
-@task(name="prepare-scripts", cache_policy=cache_policy(files=("files",), sections=("data",)), **OUTSIDE_RETRIES)
+@task(name="prepare-scripts", cache_policy=cache_policy(files=("files",), hasher=input_hash), **OUTSIDE_RETRIES)
 def prepare_scripts_task(settings: Any, files: list[str]) -> dict[str, Any]:
     """Load HotpotQA (download when it is a hub name) and write ``scripts.jsonl``."""
-    from agemem.data.episodes_io import read_json
-    from agemem.data.prepare import SCRIPTS_STATS, prepare_scripts
-
     path = prepare_scripts(settings)
     return {"scripts": str(path), "stats": read_json(path.with_name(SCRIPTS_STATS)) or {}}
 
 
 @task(
     name="synthesize-distractors",
-    cache_policy=cache_policy(files=("scripts",), sections=("data",),
-                              fields={"llm": ("backend", "model", "base_url", "temperature", "seed")}),
+    cache_policy=cache_policy(files=("scripts",), hasher=synth_settings_hash),
     **OUTSIDE_RETRIES,
 )
 def synthesize_task(settings: Any, scripts: str) -> dict[str, Any]:
     """Fill the stage-2 distractor slots (offline or LLM) and write ``episodes.jsonl``."""
-    from agemem.data.distractors import EPISODES_STATS, synthesize
-    from agemem.data.episodes_io import read_json
-
     path = synthesize(settings, Path(scripts))
     return {"episodes": str(path), "stats": read_json(path.with_name(EPISODES_STATS)) or {}}
 
@@ -81,8 +77,6 @@ def _numeric(stats: dict[str, Any], prefix: str) -> dict[str, float]:
 def prepare_data(profile: str = "smoke", overrides: list[str] | None = None,
                  parent_run_id: str | None = None) -> dict[str, Any]:
     """HotpotQA -> ``scripts.jsonl``; publishes the data stats table (artifact ``agemem-data-stats``)."""
-    from agemem import tracking
-
     logger = get_run_logger()
     settings = load(profile, overrides)
     with stage(settings, parent_run_id, "prepare_data") as run_id:
@@ -100,9 +94,6 @@ def prepare_data(profile: str = "smoke", overrides: list[str] | None = None,
 def synthesize_distractors(profile: str = "smoke", overrides: list[str] | None = None,
                            scripts: str | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
     """Scripts -> ``episodes.jsonl`` (stage-2 distractors filled); publishes the data stats table."""
-    from agemem import tracking
-    from agemem.data.prepare import scripts_path
-
     logger = get_run_logger()
     settings = load(profile, overrides)
     src = scripts or str(scripts_path(settings))
@@ -120,9 +111,6 @@ def synthesize_distractors(profile: str = "smoke", overrides: list[str] | None =
 
 
 def _load_stats(scripts: Path) -> dict[str, Any]:
-    from agemem.data.episodes_io import read_json
-    from agemem.data.prepare import SCRIPTS_STATS
-
     stats = read_json(scripts.with_name(SCRIPTS_STATS))
     return stats if isinstance(stats, dict) else {}
 

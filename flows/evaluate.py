@@ -17,6 +17,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
+from agemem import tracking
+from agemem.data.prepare import episodes_path
+from agemem.eval.runner import ROWS_FILE, evaluate as run_evaluation
 from flows.common import OUTSIDE_RETRIES, load, stage
 
 EVAL_REPORT_KEY = "agemem-eval-report"
@@ -27,17 +30,13 @@ CHAMPION_REPORT_KEY = "agemem-champion-eval"
 def evaluate_task(settings: Any, episodes: str, model_path: str | None = None,
                   output_dir: str | None = None) -> dict[str, Any]:
     """Run the episode engine over the evaluation episodes; returns aggregates and report paths."""
-    from agemem.eval.runner import ROWS_FILE, evaluate
-
-    result = evaluate(settings, Path(episodes), model_path=Path(model_path) if model_path else None,
-                      output_dir=Path(output_dir) if output_dir else None)
+    result = run_evaluation(settings, Path(episodes), model_path=Path(model_path) if model_path else None,
+                            output_dir=Path(output_dir) if output_dir else None)
     return {"aggregates": result.aggregates, "report": str(result.report_path), "plot": str(result.plot_path),
             "rows": str(result.output_dir / ROWS_FILE), "output_dir": str(result.output_dir), "label": result.label}
 
 
 def _log_eval(settings: Any, run_ids: list[str | None], out: dict[str, Any]) -> None:
-    from agemem import tracking
-
     for run_id in filter(None, run_ids):
         tracking.log_metrics(settings, run_id, {f"eval.{k}": v for k, v in out["aggregates"].items()})
     if run_ids and run_ids[0]:
@@ -51,10 +50,7 @@ def _publish(out: dict[str, Any], key: str, description: str) -> None:
 
 
 def _episodes_or_default(settings: Any, episodes: str | None) -> str:
-    from agemem.data.distractors import episodes_path_for
-    from agemem.data.prepare import scripts_path
-
-    path = episodes or str(episodes_path_for(scripts_path(settings)))
+    path = episodes or str(episodes_path(settings))
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no episodes file; run the synthesize-distractors flow first")
     return path
@@ -93,7 +89,6 @@ def evaluate_champion(profile: str = "smoke", overrides: list[str] | None = None
         overrides: Settings overrides as "section.key=value" strings, e.g. "eval.limit=500".
         alias: Registry alias of the agemem-policy version to evaluate ("champion" or "candidate").
     """
-    from agemem import tracking
     from flows.data import prepare_data, synthesize_distractors
 
     logger = get_run_logger()
@@ -120,15 +115,11 @@ def evaluate_champion(profile: str = "smoke", overrides: list[str] | None = None
 
 @task(name="resolve-alias", cache_policy=NO_CACHE, **OUTSIDE_RETRIES)
 def _resolve_task(settings: Any, alias: str) -> tuple[str, str]:
-    from agemem import tracking
-
     version, path = tracking.resolve_alias(settings, alias)
     return version, str(path)
 
 
 def _resolve(settings: Any, alias: str) -> tuple[str, Path]:
-    from agemem import tracking
-
     # A missing alias is not transient: say so at once instead of retrying it three times.
     client = tracking.configure(settings)
     try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from agemem import tracking
+from agemem.train.run import TrainResult
 from flows.common import load, timed
 from flows.data import prepare_data, synthesize_distractors
 from flows.evaluate import evaluate
@@ -31,8 +33,6 @@ def agemem_pipeline(profile: str = "smoke", overrides: list[str] | None = None, 
         overrides: Settings overrides as "section.key=value" strings, e.g. "train.total_steps=200".
         backend: Training backend, "local" or "verl"; empty = the profile's train.backend.
     """
-    from agemem import tracking
-
     logger = get_run_logger()
     pairs = list(overrides or []) + ([f"train.backend={backend}"] if backend else [])
     settings = load(profile, pairs)
@@ -47,7 +47,7 @@ def agemem_pipeline(profile: str = "smoke", overrides: list[str] | None = None, 
             data = synthesize_distractors(profile, pairs, scripts=scripts["scripts"], parent_run_id=parent)
         with timed(timings, "train"):
             trained = train(profile, pairs, episodes=data["episodes"], parent_run_id=parent)
-        model_path = trained["model_dir"] or trained["adapter_dir"] or trained["checkpoint_dir"]
+        model_path = str(TrainResult.from_dict(trained).policy_path)
         with timed(timings, "evaluate"):
             evaluated = evaluate(profile, pairs, model_path=model_path, episodes=data["episodes"],
                                  parent_run_id=parent)

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
+from agemem import tracking
 from flows.common import OUTSIDE_RETRIES, load, md_table, stage
 
 REGISTRATION_KEY = "agemem-registration"
@@ -23,8 +24,6 @@ REGISTRATION_KEY = "agemem-registration"
 def register_task(settings: Any, adapter_dir: str | None, model_dir: str | None, metrics: dict[str, float],
                   run_id: str | None) -> dict[str, Any]:
     from pathlib import Path
-
-    from agemem import tracking
 
     reg = tracking.register_model(settings, adapter_dir=Path(adapter_dir) if adapter_dir else None,
                                   model_dir=Path(model_dir) if model_dir else None, metrics=metrics, run_id=run_id)

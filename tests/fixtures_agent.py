@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 import numpy as np
 import pytest
 
-from agemem.assets import SAMPLE_DATA
-
-
-@pytest.fixture(scope="session")
-def sample_records() -> list[dict[str, Any]]:
-    """The shipped HotpotQA dev sample as raw json records."""
-    return json.loads(SAMPLE_DATA.read_text())
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +27,29 @@ def embed() -> Callable[[list[str]], np.ndarray]:
     return embedder.encode
 
 
-@pytest.fixture
-def episode_script(sample_records):
-    """Record 0 of the sample (Scott Derrickson / Ed Wood) with two offline distractors."""
-    from agemem.agent.scripted import episode_from_raw
+@pytest.fixture(scope="session")
+def pipeline_episodes(tmp_path_factory) -> Callable[[int], list[Any]]:
+    """``pipeline_episodes(n_distractors)``: every episode of the shipped sample, built the way the
+    pipeline builds them (:func:`agemem.data.samples.sample_episodes`), cached per distractor count."""
+    from agemem.data.samples import sample_episodes
+    from agemem.settings import load_settings
 
-    return episode_from_raw(sample_records, 0, distractors=2)
+    built: dict[int, list[Any]] = {}
+
+    def make(distractors: int) -> list[Any]:
+        if distractors not in built:
+            settings = load_settings("smoke", {"runs_dir": str(tmp_path_factory.mktemp("samples")),
+                                               "data": {"distractor_messages": distractors, "limit": None}})
+            built[distractors] = sample_episodes(settings)
+        return built[distractors]
+
+    return make
+
+
+@pytest.fixture
+def episode_script(pipeline_episodes):
+    """Record 0 of the sample (Scott Derrickson / Ed Wood) with two offline distractors."""
+    return pipeline_episodes(2)[0]
 
 
 @pytest.fixture

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from agemem.assets import SAMPLE_DATA
 from agemem.data.records import EpisodeScript
 from agemem.settings import Settings, load_settings
 
@@ -23,17 +21,10 @@ TINY_TRAIN: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="session")
-def sample_records() -> list[dict[str, Any]]:
-    return json.loads(SAMPLE_DATA.read_text())
-
-
 @pytest.fixture
-def train_scripts(sample_records: list[dict[str, Any]]) -> list[EpisodeScript]:
-    """Three real HotpotQA episodes with offline distractors (no LLM)."""
-    from agemem.agent.scripted import episode_from_raw
-
-    return [episode_from_raw(sample_records, i, distractors=1) for i in range(3)]
+def train_scripts(pipeline_episodes) -> list[EpisodeScript]:
+    """Three real HotpotQA episodes of the train split with offline distractors (no LLM)."""
+    return [e for e in pipeline_episodes(1) if e.split == "train"][:3]
 
 
 @pytest.fixture

@@ -119,7 +119,7 @@ async def test_offline_backend_is_deterministic() -> None:
 
 
 def test_misconfigured_backends_fail_clearly() -> None:
-    with pytest.raises(LLMError, match="base_url"):
+    with pytest.raises(ValueError, match="base_url"):  # refused when the settings load, before any client
         build_llm_client(load_settings("smoke", {"llm": {"backend": "openai"}}))
     with pytest.raises(LLMError, match="API key"):
         build_llm_client(load_settings("smoke", {"llm": {"backend": "dashscope"}}))

@@ -33,3 +33,20 @@ class TokenPolicy(Protocol):
 @runtime_checkable
 class ChatPolicy(Protocol):
     async def chat(self, messages: Sequence[dict[str, str]], sampling_params: dict[str, Any]) -> str: ...
+
+
+class LLMChatPolicy:
+    """A :class:`ChatPolicy` over an :class:`agemem.llm.LLMClient`: any OpenAI-compatible endpoint
+    (a vLLM server), DashScope, or the offline backend."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def chat(self, messages: Sequence[dict[str, str]], sampling_params: dict[str, Any]) -> str:
+        reply = await self.client.chat(
+            list(messages), temperature=sampling_params.get("temperature"), max_tokens=sampling_params.get("max_tokens")
+        )
+        return reply.text
+
+
+__all__ = ["ChatPolicy", "GenerationOutput", "LLMChatPolicy", "TokenPolicy"]

@@ -1,4 +1,4 @@
-"""Prompt texts: the policy's system prompt, the summary prompt and the judge prompts.
+"""Prompt texts of the policy side: the system prompt and the Summary_context prompt.
 
 The system prompt describes the tools as JSON (the reference's text protocol) so that the same
 prompt works for token-level policies (rendered by the tokenizer's chat template without the
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+from agemem.agent.tools import tool_schemas
 
 SYSTEM_PROMPT_TEMPLATE = """You are an assistant with a long-term memory and a short conversation context.
 Long-term memory survives when the conversation is cleared; the context is limited to {budget} tokens.
@@ -40,27 +42,6 @@ Reply with the summary only.
 Excerpt:
 {excerpt}"""
 
-ANSWER_JUDGE_PROMPT = """You grade a predicted answer against the expected answer to a question.
-Question: {question}
-Expected answer: {gold}
-Predicted answer: {prediction}
-
-Score from 0.0 to 1.0: 1.0 equivalent; 0.8-0.9 minor differences; 0.6-0.7 partially correct;
-0.4-0.5 significant errors; 0.2-0.3 mostly wrong; 0.0-0.1 wrong or irrelevant.
-Reply with the number only, e.g. 0.7"""
-
-MEMORY_JUDGE_PROMPT = """You grade how well a set of stored memories covers the gold supporting facts of a question,
-without irrelevant entries.
-Gold supporting facts:
-{gold}
-
-Stored memories:
-{memories}
-
-Score from 0.0 (nothing relevant stored) to 1.0 (every gold fact stored, nothing irrelevant).
-Reply with the number only, e.g. 0.7"""
-
-
 def system_prompt(schemas: list[dict[str, Any]], budget: int) -> str:
     """The policy's system prompt for these tool schemas and context budget."""
     tools = "\n".join(json.dumps(s["function"], ensure_ascii=False) for s in schemas)
@@ -69,4 +50,9 @@ def system_prompt(schemas: list[dict[str, Any]], budget: int) -> str:
     return SYSTEM_PROMPT_TEMPLATE.format(tools=tools, budget=budget, hints=hints)
 
 
-__all__ = ["ANSWER_JUDGE_PROMPT", "MEMORY_JUDGE_PROMPT", "SUMMARY_PROMPT", "system_prompt"]
+def episode_system_prompt(episode: Any) -> str:
+    """The system prompt of an episode under ``EpisodeSettings``: its tools and its context budget."""
+    return system_prompt(tool_schemas(episode.use_context_tools), episode.max_context_tokens)
+
+
+__all__ = ["SUMMARY_PROMPT", "episode_system_prompt", "system_prompt"]

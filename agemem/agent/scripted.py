@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 from agemem.agent.context import ChatTokenizer
 from agemem.agent.policy import GenerationOutput
-from agemem.data.records import Distractor, EpisodeScript, SupportingFact
+from agemem.data.records import EpisodeScript
 from agemem.reward.metrics import normalize_answer
-
-if TYPE_CHECKING:
-    pass
 
 Response = Union[str, Callable[[str], str]]
 Key = tuple[int, int]  # (stage, turn within the stage)
 
-STAGE1_OPENER = "Just chatting about a few topics today; here is some related content, grouped by title:"
 _STOP = {"what", "which", "who", "when", "where", "how", "was", "were", "is", "are", "the", "a", "an", "of", "in",
          "and", "or", "did", "does", "do", "to", "for", "on", "by", "with", "that", "this", "same"}
 _RETRIEVED = re.compile(r"\[retrieved memories\](.*?)(?=<\|im_end\|>|\[retrieved memories\]|$)", re.DOTALL)
@@ -201,59 +197,11 @@ class ScriptedChatPolicy:
         return self.replayer.respond(key, rounds, visible)
 
 
-def stage1_message(paragraphs: Sequence[tuple[str, Sequence[str]]], max_sentences: int = 10) -> str:
-    """The reference's stage-1 message: a casual opener, then ``Title: sentences`` per paragraph."""
-    lines = [f"{title}: {' '.join(s.strip() for s in sents[:max_sentences])}" for title, sents in paragraphs]
-    return STAGE1_OPENER + "\n" + "\n".join(lines)
-
-
-def episode_from_raw(records: Sequence[dict[str, Any]], index: int, *, distractors: int = 2,
-                     seed: int = 42) -> EpisodeScript:
-    """An EpisodeScript from raw HotpotQA json records (the shipped sample's shape).
-
-    Distractors are the first sentences of the following records' first paragraphs: unrelated
-    everyday content, deterministic, no LLM.
-    """
-    if not 0 <= index < len(records):
-        raise IndexError(f"record index {index} out of range (0..{len(records) - 1})")
-    raw = records[index]
-    paragraphs = [(str(t), [str(s) for s in sents]) for t, sents in raw.get("context", [])]
-    by_title = dict(paragraphs)
-    facts = []
-    for title, sent_id in raw.get("supporting_facts", []):
-        sents = by_title.get(title, [])
-        sentence = sents[sent_id].strip() if 0 <= sent_id < len(sents) else None
-        facts.append(SupportingFact(title=title, sent_id=sent_id, sentence=sentence))
-    fill: list[Distractor] = []
-    j = index
-    while len(fill) < distractors and len(fill) < len(records) - 1:
-        j = (j + 1) % len(records)
-        other = records[j]
-        if other.get("context"):
-            text = str(other["context"][0][1][0]).strip() if other["context"][0][1] else ""
-            if text:
-                fill.append(Distractor(text=text, source=f"offline:{other.get('_id', j)}"))
-    return EpisodeScript(
-        episode_id=f"{raw.get('_id', index)}-{seed}",
-        record_id=str(raw.get("_id", index)),
-        seed=seed,
-        stage1_turns=[stage1_message(paragraphs)],
-        distractor_slots=distractors,
-        distractors=fill,
-        question=str(raw["question"]),
-        gold_answer=raw.get("answer"),
-        supporting_facts=facts,
-        titles=[t for t, _ in paragraphs],
-    )
-
-
 __all__ = [
     "ScriptedChatPolicy",
     "ScriptedTokenPolicy",
     "best_retrieved_sentence",
     "default_responses",
-    "episode_from_raw",
     "fact_lines",
-    "stage1_message",
     "stage_messages",
 ]

@@ -63,6 +63,7 @@ class EpisodeStats(BaseModel):
     overflow_events: list[OverflowEvent] = Field(default_factory=list)
     overflow_count: int = 0
     preventive_context_tools: int = Field(0, description="Successful Summary/Filter calls before any overflow.")
+    auto_summary_stops: int = Field(0, description="Stage messages ended by episode.auto_summary_threshold.")
     key_info_in_context: float | None = Field(None, description="Gold facts present in context at answer time.")
     storage_recall: float | None = Field(None, description="Gold facts covered by stored memory (event log).")
     retrieval_recall: float | None = Field(None, description="Gold facts covered by stage-3 retrievals.")

@@ -38,6 +38,8 @@ from agemem.data.episodes_io import (
     write_episodes,
     write_json,
 )
+from agemem.data.prepare import EPISODES_FILE
+from agemem.data.prepare import scripts_path as default_scripts_path
 from agemem.data.records import Distractor, EpisodeScript
 from agemem.data.scripts import stage1_paragraphs
 from agemem.digests import file_sha256
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EPISODES_FILE = "episodes.jsonl"
+# EPISODES_FILE: the file name lives with the other data paths (agemem.data.prepare).
 EPISODES_STATS = "episodes.stats.json"
 PARTIAL_SUFFIX = ".partial"
 PARTIAL_META = "episodes.partial.json"
@@ -291,6 +293,11 @@ class LLMDistractors:
 
 
 # ------------------------------------------------------------------------------------- synthesize
+def synth_settings_hash(settings: "Settings") -> str:
+    """Hash of every setting that changes the synthesized distractors (the scripts file aside)."""
+    return synth_hash(settings, "")
+
+
 def synth_hash(settings: "Settings", scripts_sha256: str) -> str:
     """Hash of the scripts file and every setting that changes the synthesized distractors."""
     cfg = settings.data
@@ -365,7 +372,6 @@ def synthesize(
     ``progress(done, total)`` is called after each episode (resumed ones count as done at start).
     ``client`` overrides the client built from ``settings.llm`` (``llm`` backend only).
     """
-    from agemem.data.prepare import scripts_path as default_scripts_path
 
     src = Path(scripts_path) if scripts_path is not None else default_scripts_path(settings)
     if not src.is_file():

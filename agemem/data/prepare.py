@@ -17,11 +17,11 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from agemem.data.episodes_io import read_json, write_episodes, write_json
 from agemem.data.hotpot import load_records, resolve_source
-from agemem.data.records import EpisodeScript
+from agemem.data.records import EpisodeScript, HotpotRecord
 from agemem.data.scripts import build_script, ensure_eval_split
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 SCRIPTS_FILE = "scripts.jsonl"
 SCRIPTS_STATS = "scripts.stats.json"
+EPISODES_FILE = "episodes.jsonl"
 #: Bump when the script format or builder changes, so old outputs are not reused.
 SCRIPTS_VERSION = 1
 _SHAPING_FIELDS = (
@@ -44,7 +45,13 @@ def output_dir(settings: "Settings") -> Path:
 
 
 def scripts_path(settings: "Settings") -> Path:
+    """``<data.output_dir>/scripts.jsonl``: where :func:`prepare_scripts` writes."""
     return output_dir(settings) / SCRIPTS_FILE
+
+
+def episodes_path(settings: "Settings") -> Path:
+    """``<data.output_dir>/episodes.jsonl``: where distractor synthesis writes and training reads."""
+    return output_dir(settings) / EPISODES_FILE
 
 
 def input_hash(settings: "Settings") -> str:
@@ -98,6 +105,20 @@ def _load_tokenizer(name: str) -> Any | None:
         return None
 
 
+def build_scripts(records: Sequence[HotpotRecord], settings: "Settings", *,
+                  progress: Callable[[int], None] | None = None) -> list[EpisodeScript]:
+    """Episode scripts for ``records`` with the train/eval split decided (every small set gets an eval split).
+
+    ``progress`` receives the number of scripts built since the last call (every 1000).
+    """
+    scripts = []
+    for i, rec in enumerate(records, 1):
+        scripts.append(build_script(rec, settings))
+        if progress and (i % 1000 == 0 or i == len(records)):
+            progress(1000 if i % 1000 == 0 else i % 1000)
+    return ensure_eval_split(scripts, settings.data.eval_fraction)
+
+
 def prepare_scripts(
     settings: "Settings",
     *,
@@ -119,12 +140,7 @@ def prepare_scripts(
     t0 = time.perf_counter()
     records = load_records(settings, progress=(lambda n: progress("load", n)) if progress else None)
     t1 = time.perf_counter()
-    scripts = []
-    for i, rec in enumerate(records, 1):
-        scripts.append(build_script(rec, settings))
-        if progress and (i % 1000 == 0 or i == len(records)):
-            progress("scripts", 1000 if i % 1000 == 0 else i % 1000)
-    scripts = ensure_eval_split(scripts, settings.data.eval_fraction)
+    scripts = build_scripts(records, settings, progress=(lambda n: progress("scripts", n)) if progress else None)
     t2 = time.perf_counter()
     digest = write_episodes(scripts, out)
     stats = {

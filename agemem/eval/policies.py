@@ -12,11 +12,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
+
+from agemem.agent.policy import LLMChatPolicy
+from agemem.agent.scripted import ScriptedChatPolicy
+from agemem.llm import LLMClient, build_backend
+from agemem.settings import LLMSettings
+from agemem.train.models import load_policy_model, load_tokenizer, resolve_device
 
 if TYPE_CHECKING:
     from agemem.data.records import EpisodeScript
-    from agemem.llm import LLMClient
     from agemem.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -31,19 +36,6 @@ class PolicyHandle:
     tokenizer: Any | None
     label: str
     close: Callable[[], Any] | None = None
-
-
-class EndpointChatPolicy:
-    """``ChatPolicy`` over an :class:`agemem.llm.LLMClient` (vLLM server, DashScope)."""
-
-    def __init__(self, client: "LLMClient") -> None:
-        self.client = client
-
-    async def chat(self, messages: Sequence[dict[str, str]], sampling_params: dict[str, Any]) -> str:
-        reply = await self.client.chat(
-            list(messages), temperature=sampling_params.get("temperature"), max_tokens=sampling_params.get("max_tokens")
-        )
-        return reply.text
 
 
 def adapter_base_model(settings: "Settings", adapter_dir: Path) -> str:
@@ -64,8 +56,6 @@ def adapter_base_model(settings: "Settings", adapter_dir: Path) -> str:
 def load_checkpoint_model(settings: "Settings", model_path: Path, device: str) -> tuple[Any, Any]:
     """(model, tokenizer) from an HF model directory or a PEFT adapter directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from agemem.train.tiny_model import load_policy_model, load_tokenizer
 
     model_path = Path(model_path)
     is_adapter = (model_path / "adapter_config.json").is_file()
@@ -91,12 +81,9 @@ def build_policy(settings: "Settings", model_path: Path | None = None) -> Policy
     """The policy ``settings.eval.policy`` names; ``model_path`` overrides ``eval.model``."""
     cfg = settings.eval
     if cfg.policy == "scripted":
-        from agemem.agent.scripted import ScriptedChatPolicy
-
         return PolicyHandle("chat", ScriptedChatPolicy, None, "scripted")
     if cfg.policy == "checkpoint":
-        from agemem.train.local import resolve_device
-        from agemem.train.token_server import LocalTokenServer
+        from agemem.train.token_server import LocalTokenServer  # torch: only for checkpoints
 
         path = model_path or (Path(cfg.model) if cfg.model else None)
         if path is None:
@@ -107,9 +94,6 @@ def build_policy(settings: "Settings", model_path: Path | None = None) -> Policy
         model, tokenizer = load_checkpoint_model(settings, Path(path), device)
         server = LocalTokenServer(model, tokenizer, device=device, default_max_tokens=settings.episode.max_turn_tokens)
         return PolicyHandle("tokens", lambda script: server, tokenizer, f"checkpoint:{path}")
-    from agemem.llm import LLMClient, build_backend
-    from agemem.settings import LLMSettings
-
     if not cfg.model:
         raise ValueError(f"eval.policy={cfg.policy} needs eval.model (the endpoint's model name)")
     if cfg.policy == "openai" and not cfg.base_url:
@@ -121,8 +105,8 @@ def build_policy(settings: "Settings", model_path: Path | None = None) -> Policy
                        max_retries=section.max_retries, backoff_s=section.backoff_s, concurrency=cfg.concurrency,
                        temperature=settings.episode.temperature, max_tokens=settings.episode.max_turn_tokens,
                        seed=section.seed)
-    policy = EndpointChatPolicy(client)
+    policy = LLMChatPolicy(client)
     return PolicyHandle("chat", lambda script: policy, None, f"{cfg.policy}:{cfg.model}", close=client.aclose)
 
 
-__all__ = ["EndpointChatPolicy", "PolicyHandle", "adapter_base_model", "build_policy", "load_checkpoint_model"]
+__all__ = ["PolicyHandle", "adapter_base_model", "build_policy", "load_checkpoint_model"]

@@ -1,9 +1,8 @@
 """``evaluate``: run the episode engine over an evaluation set and write rows, aggregates, report, plot.
 
 The engine is the one training uses (same tools, budget, judge); only the policy differs
-(:mod:`agemem.eval.policies`). The ablations are settings: ``episode.use_context_tools`` and
-``episode.enable_stage2`` (the ``eval`` section's flags of the same names are applied on top, so
-``--set eval.enable_stage2=false`` works without touching training settings). An episode that
+(:mod:`agemem.eval.policies`). The ablations are the episode settings ``episode.use_context_tools``
+and ``episode.enable_stage2`` (``agemem eval --no-context-tools / --no-stage2``). An episode that
 cannot run (an endpoint down for good) becomes a zero-score row with its error, never a crash; a
 judge that times out or answers garbage is retried by the LLM client and the judge, then scored
 offline and flagged (``judge_fallback``).
@@ -19,9 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from agemem.agent.episode import EpisodeEngine
+from agemem.data.episodes_io import read_episodes
 from agemem.eval.metrics import aggregate, episode_row, error_row
 from agemem.eval.policies import build_policy
 from agemem.eval.report import render_markdown, write_plot
+from agemem.reward.score import score_episode
 
 if TYPE_CHECKING:
     from agemem.data.records import EpisodeScript
@@ -45,19 +47,8 @@ class EvalResult:
     label: str = ""
 
 
-def effective_settings(settings: "Settings") -> "Settings":
-    """Settings with the eval section's ablation flags applied to the episode section."""
-    episode = settings.episode.model_copy(update={
-        "use_context_tools": settings.episode.use_context_tools and settings.eval.use_context_tools,
-        "enable_stage2": settings.episode.enable_stage2 and settings.eval.enable_stage2,
-    })
-    return settings.model_copy(update={"episode": episode})
-
-
 def select_episodes(settings: "Settings", episodes_path: Path) -> list["EpisodeScript"]:
     """The evaluation set: ``eval.split`` of the file (all episodes if it has no eval split), ``eval.limit``."""
-    from agemem.data.episodes_io import read_episodes
-
     episodes = read_episodes(Path(episodes_path))
     split = settings.eval.split
     chosen = episodes if split == "all" else [e for e in episodes if e.split == split]
@@ -79,15 +70,8 @@ def select_episodes(settings: "Settings", episodes_path: Path) -> list["EpisodeS
 async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, model_path: Path | None = None,
                    progress: Callable[[int, int], None] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Run every episode (``eval.concurrency`` at a time); returns rows in input order and the policy label."""
-    from agemem.data.parquet import DATA_SOURCE
-    from agemem.reward.score import compute_score
-
     handle = build_policy(settings, model_path)
-    from agemem.agent.runner import build_engine
-
-    engine, closers = await build_engine(settings, tokenizer=handle.tokenizer)
-    if handle.close is not None:
-        closers.append(handle.close)
+    engine = EpisodeEngine.from_settings(settings, tokenizer=handle.tokenizer)
     gate = asyncio.Semaphore(settings.eval.concurrency)
     done = 0
 
@@ -104,9 +88,7 @@ async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, mod
                 logger.warning("episode %s failed: %s", script.episode_id, exc)
                 row = error_row(script, f"{type(exc).__name__}: {exc}", split=script.split)
             else:
-                extra = result.extra_fields()
-                scores = compute_score(DATA_SOURCE, result.transcript_text(), script.gold_answer or "", extra)
-                row = episode_row(extra, scores, split=script.split)
+                row = episode_row(result.extra_fields(), score_episode(result, script), split=script.split)
             done += 1
             if progress:
                 progress(done, len(episodes))
@@ -115,11 +97,9 @@ async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, mod
     try:
         rows = list(await asyncio.gather(*(one(s) for s in episodes)))
     finally:
-        for close in closers:
-            try:
-                await close()
-            except Exception as exc:  # noqa: BLE001 - closing must not hide the result
-                logger.warning("closing evaluation resources: %s", exc)
+        await engine.aclose()
+        if handle.close is not None:
+            await handle.close()
     return rows, handle.label
 
 
@@ -149,7 +129,6 @@ def evaluate(
     Writes ``rows.jsonl``, ``aggregates.json``, ``report.md`` and ``plot.png`` under
     ``output_dir`` (default ``<eval.output_dir>/<policy>-<timestamp>``).
     """
-    settings = effective_settings(settings)
     if model_path is not None and settings.eval.policy != "checkpoint":
         settings = settings.model_copy(update={"eval": settings.eval.model_copy(update={"policy": "checkpoint"})})
     episodes = select_episodes(settings, Path(episodes_path))
@@ -175,4 +154,4 @@ def evaluate(
     return EvalResult(rows, aggregates, report, plot, Path(out), label)
 
 
-__all__ = ["EvalResult", "effective_settings", "evaluate", "run_rows", "select_episodes"]
+__all__ = ["EvalResult", "evaluate", "run_rows", "select_episodes"]

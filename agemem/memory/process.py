@@ -33,7 +33,7 @@ def start_server_process(
     log_path: Path | None = None,
     inherit_settings_env: bool = False,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m agemem.memory.commands`` on ``host`` over ``uri``; returns once /healthz answers.
+    """``python -m agemem.cli.memory`` on ``host`` over ``uri``; returns once /healthz answers.
 
     By default the child sees no ``AGEMEM_*`` variables of this process (only ``uri`` and ``extra``
     settings: tests and benchmarks must not depend on a developer's shell); ``inherit_settings_env``
@@ -43,7 +43,7 @@ def start_server_process(
     """
     port = port or free_port(host)
     cmd = [
-        sys.executable, "-m", "agemem.memory.commands",
+        sys.executable, "-m", "agemem.cli.memory",
         "--host", host, "--port", str(port),
         "--set", f"memory.uri={uri}",
         *(extra or []),

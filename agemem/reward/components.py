@@ -35,6 +35,11 @@ class RewardConfig(BaseModel):
     format_error_penalty_cap: float = Field(-0.5, description="Floor of the summed format-error penalty.")
     clip_min: float | None = Field(None, description="Lower clip of the total; None = no clip.")
     clip_max: float | None = Field(None, description="Upper clip of the total; None = no clip.")
+    auto_summary_threshold: float | None = Field(
+        None, gt=0, le=1,
+        description="Share of the context budget at which the engine ends a stage message after a round "
+        "without an answer (the released code's 0.8); None = never. episode.auto_summary_threshold overrides it.",
+    )
     tool_ratio_low: float = 0.3
     tool_ratio_high: float = 2.0
     tool_ratio_excess: float = 3.0
@@ -60,6 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "w_memory": 0.15,
         "clip_min": -1.0,
         "clip_max": 1.0,
+        "auto_summary_threshold": 0.8,
     },
 }
 
@@ -69,6 +75,13 @@ def reward_config(preset: str = "paper", overrides: dict[str, Any] | None = None
     if preset not in PRESETS:
         raise ValueError(f"unknown reward preset {preset!r}; choose one of {sorted(PRESETS)}")
     return RewardConfig(**{**PRESETS[preset], **(overrides or {})})
+
+
+def auto_summary_threshold(episode: Any) -> float | None:
+    """The stage-ending context share for an ``EpisodeSettings``: its own value, else its preset's."""
+    if episode.auto_summary_threshold is not None:
+        return None if episode.auto_summary_threshold >= 1.0 else float(episode.auto_summary_threshold)
+    return reward_config(episode.reward_preset, episode.reward_overrides).auto_summary_threshold
 
 
 def _f(stats: dict[str, Any], key: str, default: float = 0.0) -> float:
@@ -127,4 +140,4 @@ def tool_terms(stats: dict[str, Any], cfg: RewardConfig) -> dict[str, float]:
             "tool": total}
 
 
-__all__ = ["PRESETS", "PresetName", "RewardConfig", "context_terms", "memory_terms", "reward_config", "tool_terms"]
+__all__ = ["PRESETS", "PresetName", "RewardConfig", "auto_summary_threshold", "context_terms", "memory_terms", "reward_config", "tool_terms"]

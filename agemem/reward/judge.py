@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-from agemem.agent.prompts import ANSWER_JUDGE_PROMPT, MEMORY_JUDGE_PROMPT
+from agemem.reward.prompts import ANSWER_JUDGE_PROMPT, MEMORY_JUDGE_PROMPT
 from agemem.llm import LLMClient, LLMError
 from agemem.reward.metrics import exact_match, f1_score
 

@@ -14,6 +14,9 @@ from agemem.reward.components import RewardConfig, context_terms, memory_terms, 
 
 logger = logging.getLogger(__name__)
 
+#: ``data_source`` of agemem's rows (verl parquet) and of every score this project computes.
+DATA_SOURCE = "hotpotqa_agemem"
+
 # Keys compute_score needs; missing ones are scored as "no answer" and flagged.
 REQUIRED_KEYS: tuple[str, ...] = ("answered", "judge_score", "tool_call_count", "total_rounds", "context_ratio_final")
 
@@ -107,4 +110,10 @@ def compute_score(
     return score_stats(stats, cfg, stats_missing=missing)
 
 
-__all__ = ["REQUIRED_KEYS", "SCORE_KEYS", "compute_score", "score_stats"]
+def score_episode(result: Any, script: Any) -> dict[str, float]:
+    """The reward breakdown of one finished episode (an ``EpisodeResult`` of the episode engine)
+    for its ``EpisodeScript``: the same call verl makes, with the same arguments."""
+    return compute_score(DATA_SOURCE, result.transcript_text(), script.gold_answer or "", dict(result.extra_fields()))
+
+
+__all__ = ["DATA_SOURCE", "REQUIRED_KEYS", "SCORE_KEYS", "compute_score", "score_episode", "score_stats"]

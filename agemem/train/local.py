@@ -25,22 +25,25 @@ from typing import Any
 
 import numpy as np
 
+from agemem import tracking
+from agemem.agent.episode import EpisodeEngine
+from agemem.data.episodes_io import read_episodes
 from agemem.data.records import EpisodeScript
+from agemem.reward.score import score_episode
 from agemem.settings import Settings
 from agemem.train import checkpoint as ckpt
+from agemem.train.models import (
+    RANDOM_WEIGHTS_NOTE,
+    base_model_lines,
+    is_tiny,
+    load_policy_model,
+    load_tokenizer,
+    resolve_device,
+)
+from agemem.train.run import TrainResult, config_hash
 from agemem.train.token_server import LocalTokenServer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    """Where the newest checkpoint is and what the run did."""
-
-    checkpoint_dir: Path
-    adapter_dir: Path | None
-    steps: int
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -58,16 +61,10 @@ class Rollout:
         return float(self.scores["score"])
 
 
-def resolve_device(setting: str) -> str:
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
-
-
 def output_root(settings: Settings) -> Path:
-    return settings.path(settings.train.output_dir) / "local"
+    """``<train.output_dir>/local/<config hash>``: checkpoints belong to one training configuration,
+    so a run with another seed, learning rate or LoRA rank starts fresh instead of resuming this one."""
+    return settings.path(settings.train.output_dir) / "local" / config_hash(settings)
 
 
 def batch_indices(num_episodes: int, step: int, batch: int, seed: int) -> list[int]:
@@ -80,8 +77,6 @@ def batch_indices(num_episodes: int, step: int, batch: int, seed: int) -> list[i
 
 
 def load_train_episodes(path: Path) -> list[EpisodeScript]:
-    from agemem.data.episodes_io import read_episodes
-
     episodes = read_episodes(Path(path))
     train = [e for e in episodes if e.split == "train"] or episodes
     if not train:
@@ -107,8 +102,6 @@ class LocalTrainer:
     def __init__(self, settings: Settings, episodes: list[EpisodeScript], *, mlflow_run_id: str | None = None):
         import torch
 
-        from agemem.train.tiny_model import load_policy_model, load_tokenizer
-
         self.settings = settings
         self.episodes = episodes
         self.mlflow_run_id = mlflow_run_id
@@ -127,6 +120,7 @@ class LocalTrainer:
                 # Without adapters the reference must be a frozen copy of the initial weights.
                 self.ref_model = copy.deepcopy(base).eval().requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.failed: list[dict[str, Any]] = []
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.train.lr)
         self.state = ckpt.TrainerState()
         latest = ckpt.latest_checkpoint(self.root)
@@ -141,25 +135,33 @@ class LocalTrainer:
 
     # -- rollouts -----------------------------------------------------------------------------
 
-    async def rollouts(self, engine: Any, scripts: list[EpisodeScript], step: int) -> list[Rollout]:
-        from agemem.agent.runner import run_episode
-        from agemem.data.parquet import DATA_SOURCE
-        from agemem.reward.score import compute_score
+    async def rollouts(self, engine: EpisodeEngine, scripts: list[EpisodeScript], step: int) -> list[Rollout]:
+        """``rollouts_per_prompt`` trajectories per script, concurrently; a trajectory that raises is
+        logged as failed with its reason and left out of the update (never an exception out of the step)."""
 
         async def one(script: EpisodeScript, k: int) -> Rollout:
             trajectory_id = f"{script.episode_id}-s{step}-r{k}-{uuid.uuid4().hex[:8]}"
-            result = await run_episode(engine, script, self.server, trajectory_id=trajectory_id)
-            scores = compute_score(
-                data_source=DATA_SOURCE,
-                solution_str=result.transcript_text(),
-                ground_truth=script.gold_answer or "",
-                extra_info=dict(result.extra_fields()),
-            )
-            return Rollout(script, f"{script.episode_id}#{step}", trajectory_id, result, scores)
+            result = await engine.run_tokens(script, self.server, request_id=trajectory_id)
+            return Rollout(script, f"{script.episode_id}#{step}", trajectory_id, result, score_episode(result, script))
 
         n = self.settings.train.rollouts_per_prompt
-        jobs = [one(script, k) for script in scripts for k in range(n)]
-        return list(await asyncio.gather(*jobs))
+        jobs = [(script, k) for script in scripts for k in range(n)]
+        done = await asyncio.gather(*(one(script, k) for script, k in jobs), return_exceptions=True)
+        rollouts: list[Rollout] = []
+        self.failed = []
+        for (script, k), item in zip(jobs, done):
+            if isinstance(item, BaseException):
+                if not isinstance(item, Exception):
+                    raise item  # cancellation / interrupt: not a rollout failure
+                reason = f"{type(item).__name__}: {item}"
+                logger.warning("step %d: trajectory %d of episode %s failed and is left out: %s", step, k,
+                               script.episode_id, reason)
+                self.failed.append({"episode_id": script.episode_id, "rollout": k, "reason": reason})
+            else:
+                rollouts.append(item)
+        if not rollouts:
+            raise RuntimeError(f"step {step}: every trajectory failed; first reason: {self.failed[0]['reason']}")
+        return rollouts
 
     # -- update -------------------------------------------------------------------------------
 
@@ -251,10 +253,8 @@ class LocalTrainer:
         return out
 
     async def run(self) -> TrainResult:
-        from agemem.agent.runner import build_engine
-
         t = self.settings.train
-        engine, closers = await build_engine(self.settings, tokenizer=self.tokenizer)
+        engine = EpisodeEngine.from_settings(self.settings, tokenizer=self.tokenizer)
         try:
             while self.state.step < t.total_steps:
                 step = self.state.step + 1
@@ -263,7 +263,8 @@ class LocalTrainer:
                 idx = batch_indices(len(self.episodes), step - 1, t.tasks_per_batch, t.seed)
                 rollouts = await self.rollouts(engine, [self.episodes[i] for i in idx], step)
                 rollout_s = time.perf_counter() - started
-                metrics = {"step": float(step), **self.rollout_metrics(rollouts)}
+                metrics = {"step": float(step), **self.rollout_metrics(rollouts),
+                           "rollouts/failed": float(len(self.failed))}
                 gen_s = self.server.stats.seconds
                 metrics.update({"time/rollout_s": rollout_s, "time/generate_s": gen_s,
                                 "time/engine_overhead_share": max(0.0, rollout_s - gen_s) / rollout_s if rollout_s else 0.0})
@@ -281,13 +282,10 @@ class LocalTrainer:
                             metrics["reward/mean"], metrics["reward/std"], metrics.get("train/loss", float("nan")),
                             metrics["time/step_s"])
         finally:
-            for close in closers:
-                await close()
+            await engine.aclose()
         return self.result()
 
     def save(self, *, final: bool) -> Path:
-        from agemem.train.tiny_model import RANDOM_WEIGHTS_NOTE, base_model_lines, is_tiny
-
         card = [f"# agemem local GRPO checkpoint, step {self.state.step}", "",
                 *base_model_lines(self.settings.train.model), f"- LoRA rank: {self.settings.train.lora_rank}"]
         if is_tiny(self.settings.train.model):
@@ -311,16 +309,9 @@ class LocalTrainer:
         tmp.replace(self.root / "metrics.jsonl")
 
     def log_mlflow(self, metrics: dict[str, float], step: int) -> None:
-        if not self.mlflow_run_id:
-            return
-        import mlflow
-        from mlflow.entities import Metric
-
-        client = mlflow.MlflowClient(tracking_uri=self.settings.tracking_uri)
-        now = int(time.time() * 1000)
-        batch = [Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items()
-                 if k != "step" and math.isfinite(float(v))]
-        client.log_batch(self.mlflow_run_id, metrics=batch)
+        if self.mlflow_run_id:
+            tracking.log_metrics(self.settings, self.mlflow_run_id,
+                                 {k: v for k, v in metrics.items() if k != "step"}, step=step)
 
     def result(self) -> TrainResult:
         latest = ckpt.latest_checkpoint(self.root)
@@ -329,11 +320,15 @@ class LocalTrainer:
         adapter = latest / "adapter"
         model_dir = latest / "model"
         # The HF model of a LoRA run is written on the final step; earlier steps carry the adapter.
+        has_model = (model_dir / "config.json").is_file()
         return TrainResult(
-            checkpoint_dir=model_dir if model_dir.is_dir() else latest,
+            backend="local",
+            checkpoint_dir=model_dir if has_model else latest,
+            model_dir=model_dir if has_model else None,
             adapter_dir=adapter if adapter.is_dir() else None,
             steps=self.state.step,
             history=list(self.state.history),
+            config_hash=config_hash(self.settings),
         )
 
 

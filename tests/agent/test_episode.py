@@ -37,7 +37,7 @@ def _runs(seg):
 
 async def test_three_stage_episode_segments_masks_and_stats(agent_settings, agent_memory, chat_tokenizer,
                                                             episode_script, embed) -> None:
-    engine = EpisodeEngine(agent_settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
+    engine = EpisodeEngine.from_settings(agent_settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
     policy = RecordingPolicy(chat_tokenizer, episode_script)
     result = await engine.run_tokens(episode_script, policy, request_id="req-1")
     stats = result.stats
@@ -86,7 +86,7 @@ async def test_three_stage_episode_segments_masks_and_stats(agent_settings, agen
 
 async def test_chat_policy_runs_the_same_episode(agent_settings, agent_memory, chat_tokenizer, episode_script,
                                                  embed) -> None:
-    engine = EpisodeEngine(agent_settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
+    engine = EpisodeEngine.from_settings(agent_settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
     tokens = await engine.run_tokens(episode_script, ScriptedTokenPolicy(chat_tokenizer, episode_script))
     chat = await engine.run_chat(episode_script, ScriptedChatPolicy(episode_script))
     assert chat.segments == []
@@ -107,7 +107,7 @@ async def test_tool_errors_reach_the_model_and_are_counted(agent_settings, agent
     responses[(1, 0)] = bad
     responses[(2, 0)] = ['<tool_call>{"name": "Add_memory", "arguments": {content: oops}}</tool_call>',
                          "plain text, no tags", "<answer>fine</answer>"]
-    engine = EpisodeEngine(agent_settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
+    engine = EpisodeEngine.from_settings(agent_settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
     result = await engine.run_tokens(episode_script, ScriptedTokenPolicy(chat_tokenizer, episode_script, responses))
     s = result.stats
     assert s.tool_calls["Update_memory"] == {"error": 1}
@@ -129,7 +129,7 @@ async def test_summary_rewrites_context_and_opens_a_segment(agent_settings, agen
     responses = default_responses(episode_script)
     responses[(2, 1)] = ['<tool_call>{"name": "Summary_context", "arguments": {"span": "all"}}</tool_call>',
                          "<answer>nice</answer>"]
-    engine = EpisodeEngine(agent_settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
+    engine = EpisodeEngine.from_settings(agent_settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
     result = await engine.run_tokens(episode_script, ScriptedTokenPolicy(chat_tokenizer, episode_script, responses))
     assert "summary" in [s.reason for s in result.segments]
     event = next(e for e in result.stats.events if e.name == "Summary_context")
@@ -144,7 +144,7 @@ async def test_overflow_truncates_and_is_recorded(runs_dir, agent_memory, chat_t
                                                   embed) -> None:
     settings = load_settings("smoke", {"runs_dir": str(runs_dir), "episode": {
         "max_turn_tokens": 1024, "max_context_tokens": 2048, "stage1_max_rounds": 4}})
-    engine = EpisodeEngine(settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
+    engine = EpisodeEngine.from_settings(settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
     result = await engine.run_tokens(episode_script, ScriptedTokenPolicy(chat_tokenizer, episode_script))
     s = result.stats
     assert s.overflow_count >= 1 and s.overflow_events[0].action == "truncate"
@@ -154,7 +154,7 @@ async def test_overflow_truncates_and_is_recorded(runs_dir, agent_memory, chat_t
 
     ended = load_settings("smoke", {"runs_dir": str(runs_dir), "episode": {
         "max_turn_tokens": 1024, "max_context_tokens": 2048, "overflow_policy": "end_stage"}})
-    engine = EpisodeEngine(ended, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
+    engine = EpisodeEngine.from_settings(ended, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
     result = await engine.run_tokens(episode_script, ScriptedTokenPolicy(chat_tokenizer, episode_script))
     assert result.stats.stage_end["1"] == "overflow" and not result.stats.overflow_events[0].fits
 
@@ -163,7 +163,7 @@ async def test_no_context_tools_ablation_auto_retrieves(agent_settings, agent_me
                                                         episode_script, embed) -> None:
     settings = agent_settings.model_copy(update={"episode": agent_settings.episode.model_copy(
         update={"use_context_tools": False})})
-    engine = EpisodeEngine(settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
+    engine = EpisodeEngine.from_settings(settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
     assert "Filter_context" not in engine.system_prompt and "Add_memory" in engine.system_prompt
     result = await engine.run_tokens(episode_script, ScriptedTokenPolicy(chat_tokenizer, episode_script))
     s = result.stats

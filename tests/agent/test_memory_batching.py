@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from agemem.agent import episode as episode_module
+from agemem.agent import executor as executor_module
 from agemem.agent.episode import EpisodeEngine
 from agemem.agent.scripted import ScriptedTokenPolicy, default_responses
 from agemem.memory import service as service_module
@@ -58,7 +58,7 @@ async def _run(settings, memory, tokenizer, script, embed, replies, monkeypatch)
     monkeypatch.setattr(service_module.secrets, "token_hex", lambda n=16: f"{next(counter):0{2 * n}x}")
     responses = default_responses(script)
     responses[(1, 0)] = replies
-    engine = EpisodeEngine(settings, tokenizer=tokenizer, memory=memory, encode=embed)
+    engine = EpisodeEngine.from_settings(settings, tokenizer=tokenizer, memory=memory, encode=embed)
     return await engine.run_tokens(script, ScriptedTokenPolicy(tokenizer, script, responses), request_id="r")
 
 
@@ -78,7 +78,7 @@ async def test_adds_of_one_reply_are_batched_with_sequential_results(
     batched = await _run(agent_settings, agent_memory, chat_tokenizer, episode_script, embed, replies, monkeypatch)
     batched_sizes, spy.sizes = list(spy.sizes), []
 
-    monkeypatch.setattr(episode_module, "_BATCHABLE", frozenset())  # the sequential engine
+    monkeypatch.setattr(executor_module, "_BATCHABLE", frozenset())  # the sequential engine
     sequential = await _run(agent_settings, agent_memory, chat_tokenizer, episode_script, embed, replies, monkeypatch)
 
     assert 3 in batched_sizes, batched_sizes  # the three adds shared one forward pass
@@ -108,7 +108,7 @@ async def test_mixed_and_failing_calls_keep_their_order(
         "<think>ok</think>\n<answer>Noted.</answer>",
     ]
     batched = await _run(agent_settings, agent_memory, chat_tokenizer, episode_script, embed, replies, monkeypatch)
-    monkeypatch.setattr(episode_module, "_BATCHABLE", frozenset())
+    monkeypatch.setattr(executor_module, "_BATCHABLE", frozenset())
     sequential = await _run(agent_settings, agent_memory, chat_tokenizer, episode_script, embed, replies, monkeypatch)
     assert _view(batched) == _view(sequential)
     stage1 = [(e.name, e.outcome) for e in batched.stats.events if e.stage == 1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agemem.data.commands import app
+from agemem.cli.data import app
 from agemem.data.distractors import PARTIAL_SUFFIX, Validator, parse_lines, synthesize
 from agemem.data.episodes_io import read_episodes
 from agemem.data.prepare import prepare_scripts

@@ -32,13 +32,12 @@ def eval_settings(runs_dir: Path) -> Settings:
 
 
 @pytest.fixture
-def eval_episodes(sample_records, tmp_path: Path) -> Path:
-    """Three sample episodes with two offline distractors each. Episode 0's gold answer is
-    rewritten to overlap the sentence the scripted agent retrieves, so one score is non-zero."""
-    from agemem.agent.scripted import episode_from_raw
+def eval_episodes(pipeline_episodes, tmp_path: Path) -> Path:
+    """Three sample episodes with two offline distractors each, all in the eval split. Episode 0's
+    gold answer is rewritten to overlap the sentence the scripted agent retrieves, so one score is non-zero."""
     from agemem.data.episodes_io import write_episodes
 
-    scripts = [episode_from_raw(sample_records, i, distractors=2) for i in range(3)]
+    scripts = [e.model_copy(update={"split": "eval"}) for e in pipeline_episodes(2)[:3]]
     scripts[0] = scripts[0].model_copy(update={"gold_answer": "Scott Derrickson"})
     path = tmp_path / "eval_episodes.jsonl"
     write_episodes(scripts, path)
@@ -47,6 +46,11 @@ def eval_episodes(sample_records, tmp_path: Path) -> Path:
 
 def _with(settings: Settings, **evals: Any) -> Settings:
     return settings.model_copy(update={"eval": settings.eval.model_copy(update=evals)})
+
+
+def _ablation(settings: Settings, **episode: Any) -> Settings:
+    """The episode flags ``agemem eval --no-context-tools / --no-stage2`` set."""
+    return settings.model_copy(update={"episode": settings.episode.model_copy(update=episode)})
 
 
 def test_scripted_evaluation_writes_rows_aggregates_report_and_plot(eval_settings, eval_episodes, tmp_path) -> None:
@@ -90,9 +94,9 @@ def test_scripted_evaluation_writes_rows_aggregates_report_and_plot(eval_setting
 
 def test_ablations_change_the_episodes(eval_settings, eval_episodes, tmp_path) -> None:
     full = evaluate(eval_settings, eval_episodes, output_dir=tmp_path / "full").aggregates
-    no_ctx = evaluate(_with(eval_settings, use_context_tools=False), eval_episodes,
+    no_ctx = evaluate(_ablation(eval_settings, use_context_tools=False), eval_episodes,
                       output_dir=tmp_path / "no_ctx")
-    no_stage2 = evaluate(_with(eval_settings, enable_stage2=False), eval_episodes,
+    no_stage2 = evaluate(_ablation(eval_settings, enable_stage2=False), eval_episodes,
                          output_dir=tmp_path / "no_stage2").aggregates
 
     # With context tools the scripted agent's Filter_context and Retrieve_memory calls succeed;
@@ -110,7 +114,7 @@ def test_ablations_change_the_episodes(eval_settings, eval_episodes, tmp_path) -
 
 def test_tiny_checkpoint_policy(eval_settings, eval_episodes, tiny_adapter, tmp_path) -> None:
     """A real transformers checkpoint (random weights) behind the token server: rows complete."""
-    from agemem.train.tiny_model import materialise_tiny_model
+    from agemem.train.models import materialise_tiny_model
 
     settings = load_settings("smoke", {
         "runs_dir": str(eval_settings.runs_dir),

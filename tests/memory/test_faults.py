@@ -21,7 +21,7 @@ async def test_server_killed_mid_episode_then_restarted(tmp_path, agent_settings
     port = int(base_url.rsplit(":", 1)[1])
     client = HttpMemoryClient(base_url, timeout_s=30.0, retries=1, backoff_s=0.05)
     try:
-        engine = EpisodeEngine(agent_settings, tokenizer=chat_tokenizer, memory=client, encode=embed)
+        engine = EpisodeEngine.from_settings(agent_settings, tokenizer=chat_tokenizer, memory=client, encode=embed)
         session = await client.create_session()  # ours, so the engine does not delete it
         responses = default_responses(episode_script)
         first_batch, second_batch, *rest = responses[(1, 0)]

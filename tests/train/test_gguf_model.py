@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agemem.settings import Settings, load_settings
-from agemem.train.tiny_model import ModelSourceError, gguf_source
+from agemem.train.models import ModelSourceError, gguf_source
 from tests.fixtures_train import TINY_TRAIN
 
 GGUF_RELATIVE = Path("models/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -45,7 +45,7 @@ def test_gguf_sources_resolve_to_folder_and_file(tmp_path: Path) -> None:
 def test_one_training_step_from_the_smollm2_gguf(shared_dir: Path, runs_dir: Path, episodes_file: Path) -> None:
     from agemem.eval.policies import load_checkpoint_model
     from agemem.train.local import train_local
-    from agemem.train.tiny_model import load_tokenizer
+    from agemem.train.models import load_tokenizer
 
     gguf = shared_dir / GGUF_RELATIVE
     if not gguf.is_file():

@@ -9,7 +9,7 @@ import torch
 
 from agemem.settings import Settings
 from agemem.train import grpo
-from agemem.train.tiny_model import load_policy_model, load_tokenizer
+from agemem.train.models import load_policy_model, load_tokenizer
 
 
 def test_advantages_are_normalised_within_each_prompt_group() -> None:

@@ -67,7 +67,7 @@ def test_merged_model_reproduces_the_lora_policy(tiny_train_settings: Settings, 
     result = train_local(one, episodes_file)
     merged = AutoModelForCausalLM.from_pretrained(result.checkpoint_dir).eval()
     # Re-create the base (random, seeded) and apply the adapter: same logits as the merged model.
-    from agemem.train.tiny_model import build_tiny_qwen2, load_tokenizer
+    from agemem.train.models import build_tiny_qwen2, load_tokenizer
 
     fresh = build_tiny_qwen2(one, load_tokenizer(one)).eval()
     lora = PeftModel.from_pretrained(fresh, str(result.adapter_dir)).eval()
@@ -83,7 +83,7 @@ def test_cli_smoke_profile_trains_two_steps_on_cpu(runs_dir: Path, episodes_file
     import typer
     from typer.testing import CliRunner
 
-    from agemem.train.commands import train
+    from agemem.cli.train import train
 
     monkeypatch.setenv("AGEMEM_RUNS_DIR", str(runs_dir))
     app = typer.Typer()

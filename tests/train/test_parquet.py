@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from agemem.data.parquet import DATA_SOURCE, decode_script, read_verl_parquet, write_verl_parquet
+from agemem.train.verl.rows import DATA_SOURCE, decode_script, read_verl_parquet, write_verl_parquet
 from agemem.data.records import EpisodeScript
 from agemem.assets import TOKENIZER_DIR
+from agemem.agent.prompts import episode_system_prompt
+from agemem.settings import load_settings
+
+SMOKE_SYSTEM_PROMPT = episode_system_prompt(load_settings("smoke").episode)
 
 
 def test_rows_carry_prompt_reward_model_script_and_agent_name(tmp_path: Path, train_scripts: list[EpisodeScript]) -> None:
@@ -26,7 +30,7 @@ def test_rows_carry_prompt_reward_model_script_and_agent_name(tmp_path: Path, tr
 
 def test_bad_input_is_rejected_clearly(tmp_path: Path, train_scripts: list[EpisodeScript]) -> None:
     with pytest.raises(ValueError, match="no episodes"):
-        write_verl_parquet([], tmp_path / "x.parquet")
+        write_verl_parquet([], tmp_path / "x.parquet", system_prompt="SYS")
     with pytest.raises(ValueError, match="extra_info.script"):
         decode_script({"index": 0})
     with pytest.raises(ValueError, match="not a valid episode script"):
@@ -39,7 +43,7 @@ def test_verl_rlhf_dataset_reads_our_parquet(tmp_path: Path, train_scripts: list
     from transformers import AutoTokenizer
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    path = write_verl_parquet(train_scripts, tmp_path / "train.parquet")
+    path = write_verl_parquet(train_scripts, tmp_path / "train.parquet", system_prompt=SMOKE_SYSTEM_PROMPT)
     config = OmegaConf.create({"max_prompt_length": 8192, "filter_overlong_prompts": True, "truncation": "error",
                                "return_raw_chat": True, "prompt_key": "prompt", "dataloader_num_workers": 1,
                                "filter_overlong_prompts_workers": 1})

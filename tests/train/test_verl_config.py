@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from agemem.settings import load_settings
-from agemem.train import verl_config
-from agemem.train.commands import train
-from agemem.train.launch import plan_paths, ray_submit_command
+from agemem.train.verl import config as verl_config
+from agemem.cli.train import train
+from agemem.train.verl.launch import plan_paths, ray_submit_command
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_agent_loop_registry_yaml_points_at_our_loop(tmp_path: Path) -> None:
     for path in (verl_config.AGENT_LOOP_YAML, verl_config.write_agent_loop_config(tmp_path / "loops.yaml")):
         entries = OmegaConf.load(path)
         assert [e.name for e in entries] == [verl_config.AGENT_NAME]
-        assert entries[0]["_target_"] == "agemem.agent.verl_loop.StagedMemoryAgentLoop"
+        assert entries[0]["_target_"] == "agemem.train.verl.loop.StagedMemoryAgentLoop"
 
 
 def test_unknown_override_key_is_rejected(runs_dir: Path) -> None:

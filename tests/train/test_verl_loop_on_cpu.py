@@ -18,13 +18,16 @@ import pytest
 
 from agemem.agent.context import ChatTokenizer
 from agemem.agent.scripted import ScriptedTokenPolicy
-from agemem.agent.verl_loop import StagedMemoryAgentLoop, release_worker_resources
+from agemem.train.verl.loop import StagedMemoryAgentLoop, release_worker_resources
 from agemem.assets import TOKENIZER_DIR
-from agemem.data.parquet import read_verl_parquet, write_verl_parquet
+from agemem.train.verl.rows import read_verl_parquet, write_verl_parquet
 from agemem.data.records import EpisodeScript
 from agemem.settings import load_settings
-from agemem.train import verl_config
-from agemem.train.launch import plan_paths
+from agemem.train.verl import config as verl_config
+from agemem.train.verl.launch import plan_paths
+from agemem.agent.prompts import episode_system_prompt
+
+SMOKE_SYSTEM_PROMPT = episode_system_prompt(load_settings("smoke").episode)
 
 
 class RecordingServerManager(ScriptedTokenPolicy):
@@ -97,7 +100,7 @@ async def test_siblings_run_three_stages_with_own_sessions_masks_and_reward(
 
     monkeypatch.setattr(service, "create_session", recording_create_session)
     script = train_scripts[0]
-    row = read_verl_parquet(write_verl_parquet([script], tmp_path / "t.parquet"))[0]
+    row = read_verl_parquet(write_verl_parquet([script], tmp_path / "t.parquet", system_prompt=SMOKE_SYSTEM_PROMPT))[0]
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     manager = RecordingServerManager(ChatTokenizer(tokenizer), script)
     # GRPO siblings: same uid, index, tools_kwargs and the very same extra_info object.

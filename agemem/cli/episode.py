@@ -10,7 +10,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from agemem.cli_common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.agent.episode import EpisodeEngine, EpisodeResult
+from agemem.agent.policy import LLMChatPolicy
+from agemem.agent.scripted import ScriptedTokenPolicy
+from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli, source_of
+from agemem.data.episodes_io import read_episodes
+from agemem.data.records import EpisodeScript
+from agemem.data.samples import sample_episode
+from agemem.llm import LLMClient, OpenAICompatibleBackend
+from agemem.reward.score import score_episode
+from agemem.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +44,10 @@ def episode(
 ) -> None:
     """Run one three-stage episode and print its transcript and reward breakdown."""
     configure_logging(verbose)
-    settings = settings_from_cli(profile, sets)
-    if policy_url is None and settings.episode.max_turn_tokens < SCRIPTED_MIN_TURN_TOKENS:
-        if not any(s.startswith("episode.max_turn_tokens=") for s in sets or []):
-            settings.episode.max_turn_tokens = SCRIPTED_MIN_TURN_TOKENS
+    extra: dict[str, object] = {}
+    if policy_url is None and source_of("episode.max_turn_tokens", profile, sets) in ("default", "profile"):
+        extra["episode.max_turn_tokens"] = SCRIPTED_MIN_TURN_TOKENS
+    settings = settings_from_cli(profile, sets, **extra)
     script = _load_script(settings, index, episodes)
     result, score = asyncio.run(_run(settings, script, policy_url, policy_model))
     if as_json:
@@ -59,62 +68,31 @@ def episode(
         typer.echo(f"{key:>20}: {value:.4f}")
 
 
-def _load_script(settings, index: int, episodes: Path | None):
+def _load_script(settings: Settings, index: int, episodes: Path | None) -> EpisodeScript:
     if episodes is not None:
-        from agemem.data.episodes_io import read_episodes
-
         items = read_episodes(episodes)
         if not 0 <= index < len(items):
             raise typer.BadParameter(f"--index {index} out of range: {episodes} has {len(items)} episodes")
         return items[index]
-    from agemem.agent.scripted import episode_from_raw
-    from agemem.assets import SAMPLE_DATA
-
-    records = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))
-    if not 0 <= index < len(records):
-        raise typer.BadParameter(f"--index {index} out of range: the sample has {len(records)} records")
-    return episode_from_raw(records, index, distractors=settings.data.distractor_messages, seed=settings.data.seed)
-
-
-def _memory_client(settings):
     try:
-        from agemem.memory.client import build_memory_client
-    except ImportError:  # pragma: no cover - the client module ships with the memory area
-        from agemem.memory.service import MemoryService
-
-        return MemoryService.from_settings(settings)
-    return build_memory_client(settings)
+        return sample_episode(settings, index)
+    except IndexError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--index") from exc
 
 
-async def _run(settings, script, policy_url: str | None, policy_model: str):
-    from agemem.agent.context import ChatTokenizer
-    from agemem.agent.episode import EpisodeEngine, LLMChatPolicy
-    from agemem.agent.scripted import ScriptedTokenPolicy
-    from agemem.llm import build_llm_client
-    from agemem.reward.judge import Judge
-    from agemem.reward.score import compute_score
-
-    tokenizer = ChatTokenizer.from_path(settings.episode.tokenizer)
-    memory = _memory_client(settings)
-    llm = build_llm_client(settings, "llm")
-    judge = Judge.from_settings(settings)
-    engine = EpisodeEngine(settings, tokenizer=tokenizer, memory=memory, llm=llm, judge=judge)
+async def _run(settings: Settings, script: EpisodeScript, policy_url: str | None,
+               policy_model: str) -> tuple[EpisodeResult, dict[str, float]]:
+    engine = EpisodeEngine.from_settings(settings)
+    client = None
     try:
         if policy_url:
-            from agemem.llm import LLMClient, OpenAICompatibleBackend
-
             client = LLMClient(OpenAICompatibleBackend(policy_url, None), model=policy_model,
                                timeout_s=settings.llm.timeout_s, max_retries=settings.llm.max_retries)
             result = await engine.run_chat(script, LLMChatPolicy(client))
-            await client.aclose()
         else:
-            result = await engine.run_tokens(script, ScriptedTokenPolicy(tokenizer, script))
+            result = await engine.run_tokens(script, ScriptedTokenPolicy(engine.tokenizer, script))
     finally:
-        close = getattr(memory, "aclose", None)
-        if close is not None:
-            await close()
-        elif hasattr(memory, "close"):
-            memory.close()
-        await llm.aclose()
-    score = compute_score("hotpotqa", result.transcript_text(), script.gold_answer, result.extra_fields())
-    return result, score
+        if client is not None:
+            await client.aclose()
+        await engine.aclose()
+    return result, score_episode(result, script)

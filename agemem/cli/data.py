@@ -7,9 +7,11 @@ from typing import Annotated
 import typer
 from tqdm import tqdm
 
-from agemem.cli_common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.data.distractors import EPISODES_STATS, synthesize
 from agemem.data.episodes_io import EpisodeFileError
 from agemem.data.hotpot import HotpotDataError
+from agemem.data.prepare import prepare_scripts
 
 app = typer.Typer(help="Prepare HotpotQA episodes and synthesize distractors.", no_args_is_help=True)
 
@@ -20,8 +22,6 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging
 @app.command()
 def prepare(profile: ProfileOpt = None, set_: SetOpt = None, force: ForceOpt = False, verbose: VerboseOpt = False) -> None:
     """Load HotpotQA (data.source) and write scripts.jsonl + scripts.stats.json."""
-    from agemem.data.prepare import prepare_scripts
-
     configure_logging(verbose)
     settings = settings_from_cli(profile, set_)
     bars: dict[str, tqdm] = {}
@@ -48,8 +48,6 @@ def distractors(
     profile: ProfileOpt = None, set_: SetOpt = None, force: ForceOpt = False, verbose: VerboseOpt = False
 ) -> None:
     """Fill stage-2 distractor slots (data.distractor_backend) and write episodes.jsonl (resumable)."""
-    from agemem.data.distractors import EPISODES_STATS, synthesize
-
     configure_logging(verbose)
     settings = settings_from_cli(profile, set_)
     bar = tqdm(desc="distractors", unit="ep")

@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from agemem.cli_common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.data.prepare import episodes_path as episodes_path_for_settings
+from agemem.eval.runner import evaluate as run_eval
 
 
 def evaluate(
@@ -31,16 +33,14 @@ def evaluate(
     sets: SetOpt = None,
 ) -> None:
     """Run the episode engine over the evaluation episodes and write a report."""
-    from agemem.eval.runner import evaluate as run_eval
-
     configure_logging()
     extra: dict[str, object] = {"eval.policy": policy, "eval.limit": limit}
     if no_context_tools:
-        extra["eval.use_context_tools"] = "false"
+        extra["episode.use_context_tools"] = "false"
     if no_stage2:
-        extra["eval.enable_stage2"] = "false"
+        extra["episode.enable_stage2"] = "false"
     settings = settings_from_cli(profile, sets, **extra)
-    episodes_path = episodes or settings.path(settings.data.output_dir) / "episodes.jsonl"
+    episodes_path = episodes or episodes_path_for_settings(settings)
     if not episodes_path.is_file():
         raise typer.BadParameter(f"{episodes_path} does not exist (run `agemem data prepare` first)",
                                  param_hint="--episodes")

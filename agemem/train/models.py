@@ -29,6 +29,15 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 
+def resolve_device(setting: str) -> str:
+    """``train.device``: ``auto`` is CUDA when torch sees a GPU, else the CPU."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
 def is_tiny(model: str) -> bool:
     return model == TINY_MODEL
 

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from agemem.cli_common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
 
 
 def pipeline(

@@ -1,4 +1,4 @@
-"""Episode scripts as verl training parquet, and back.
+"""Episode scripts as verl training parquet rows, and back.
 
 One row per episode: ``data_source``, ``prompt`` (chat messages: the system prompt and the first
 stage-1 turn, which verl uses for length filtering and logging), ``ability``, ``reward_model``
@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from agemem.data.records import EpisodeScript
+from agemem.reward.score import DATA_SOURCE
 
 logger = logging.getLogger(__name__)
 
-DATA_SOURCE = "hotpotqa_agemem"
 ABILITY = "memory_management"
 DEFAULT_AGENT_NAME = "staged_memory_agent"
 
@@ -47,22 +47,12 @@ def episode_row(
     }
 
 
-def default_system_prompt(settings: Any | None = None) -> str:
-    """The policy system prompt the episode engine uses (schemas + budget from settings)."""
-    from agemem.agent.prompts import system_prompt
-    from agemem.agent.tools import tool_schemas
-
-    use_context_tools = True if settings is None else settings.episode.use_context_tools
-    budget = 8192 if settings is None else settings.episode.max_context_tokens
-    return system_prompt(tool_schemas(use_context_tools), budget)
-
-
 def write_verl_parquet(
     episodes: Iterable[EpisodeScript],
     path: Path,
     agent_name: str = DEFAULT_AGENT_NAME,
     *,
-    system_prompt: str | None = None,
+    system_prompt: str,
 ) -> Path:
     """Write ``episodes`` as a verl parquet at ``path`` (atomically); returns ``path``.
 
@@ -71,8 +61,7 @@ def write_verl_parquet(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    prompt = system_prompt if system_prompt is not None else default_system_prompt()
-    rows = [episode_row(ep, i, agent_name=agent_name, system_prompt=prompt) for i, ep in enumerate(episodes)]
+    rows = [episode_row(ep, i, agent_name=agent_name, system_prompt=system_prompt) for i, ep in enumerate(episodes)]
     if not rows:
         raise ValueError(f"no episodes to write to {path}")
     path = Path(path)
@@ -87,7 +76,7 @@ def write_verl_parquet(
 def decode_script(extra_info: Mapping[str, Any] | None) -> EpisodeScript:
     """The EpisodeScript stored in a row's ``extra_info`` (raises ``ValueError`` with the reason)."""
     if not extra_info or "script" not in extra_info:
-        raise ValueError("row has no extra_info.script: was the parquet written by agemem.data.parquet?")
+        raise ValueError("row has no extra_info.script: was the parquet written by agemem.train.verl.rows?")
     raw = extra_info["script"]
     try:
         data = json.loads(raw) if isinstance(raw, str) else raw

@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from agemem.cli_common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.data.prepare import episodes_path as episodes_path_for_settings
+from agemem.train.run import run as run_training
 
 BackendOpt = Annotated[
     Optional[str], typer.Option("--backend", "-b", help="'verl' or 'local' (default: settings train.backend).")
@@ -32,28 +34,23 @@ def train(
 ) -> None:
     """GRPO training with verl or the local trainer."""
     configure_logging()
-    settings = settings_from_cli(profile, sets)
-    chosen = backend or settings.train.backend
-    if chosen not in ("verl", "local"):
-        raise typer.BadParameter(f"backend must be 'verl' or 'local', got {chosen!r}", param_hint="--backend")
-    episodes_path = episodes or settings.path(settings.data.output_dir) / "episodes.jsonl"
-    if chosen == "verl":
-        from agemem.train.launch import run_verl
+    if backend is not None and backend not in ("verl", "local"):
+        raise typer.BadParameter(f"backend must be 'verl' or 'local', got {backend!r}", param_hint="--backend")
+    settings = settings_from_cli(profile, sets, **{"train.backend": backend})
+    episodes_path = episodes or episodes_path_for_settings(settings)
+    if settings.train.backend == "verl" and dry_run:
+        from agemem.train.verl.launch import run_verl  # verl's Hydra config: only for a verl dry run
 
         try:
             run = run_verl(settings, None if dry_run else episodes_path, dry_run=dry_run, mlflow_run_id=mlflow_run_id,
                            sink=typer.echo)
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc)) from exc
-        except RuntimeError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from exc
-        if dry_run:
-            typer.echo("# verl overrides (composed against verl's ppo_trainer: OK)")
-            for item in run.overrides:
-                typer.echo(item)
-            typer.echo("# command")
-            typer.echo(" ".join(run.command[:3]) + " <overrides above>")
+        typer.echo("# verl overrides (composed against verl's ppo_trainer: OK)")
+        for item in run.overrides:
+            typer.echo(item)
+        typer.echo("# command")
+        typer.echo(" ".join(run.command[:3]) + " <overrides above>")
         return
     if dry_run:
         typer.echo(json.dumps({"backend": "local", "episodes": str(episodes_path),
@@ -62,10 +59,13 @@ def train(
     if not episodes_path.exists():
         raise typer.BadParameter(f"episodes file {episodes_path} does not exist (run `agemem data prepare` first)",
                                  param_hint="--episodes")
-    from agemem.train.local import train_local
-
-    result = train_local(settings, episodes_path, mlflow_run_id=mlflow_run_id)
-    typer.echo(json.dumps({"checkpoint_dir": str(result.checkpoint_dir),
+    try:
+        result = run_training(settings, episodes_path, mlflow_run_id=mlflow_run_id)
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps({"backend": result.backend, "checkpoint_dir": str(result.checkpoint_dir),
+                           "model_dir": str(result.model_dir) if result.model_dir else None,
                            "adapter_dir": str(result.adapter_dir) if result.adapter_dir else None,
                            "steps": result.steps, "last": result.history[-1] if result.history else None},
                           indent=2, default=str))

@@ -16,9 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from agemem.agent.prompts import episode_system_prompt
+from agemem.data.episodes_io import read_episodes
+from agemem.memory.process import free_port, start_server_process, stop_server_process
 from agemem.settings import Settings, offline_env
-from agemem.train import verl_config
-from agemem.train.verl_config import VerlPaths
+from agemem.train.models import is_tiny, materialise_tiny_model
+from agemem.train.run import TrainResult, config_hash
+from agemem.train.verl import config as verl_config
+from agemem.train.verl.config import VerlPaths
+from agemem.train.verl.merge import latest_verl_step_dir, merge_checkpoint, step_number
+from agemem.train.verl.rows import write_verl_parquet
+from agemem.train.verl.tools import write_tool_config
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +75,13 @@ def ray_submit_command(address: str, runtime_env: dict, inner: list[str], *, wor
 
 def prepare_inputs(settings: Settings, episodes_path: Path, paths: VerlPaths) -> None:
     """Write train/val parquet, the tool config and the agent-loop registry for verl."""
-    from agemem.agent.verl_tools import write_tool_config
-    from agemem.data.episodes_io import read_episodes
-    from agemem.data.parquet import default_system_prompt, write_verl_parquet
-
     episodes = read_episodes(Path(episodes_path))
     if not episodes:
         raise ValueError(f"no episodes in {episodes_path}")
     train = [e for e in episodes if e.split == "train"] or episodes
     val = [e for e in episodes if e.split != "train"] or train[:1]
-    prompt = default_system_prompt(settings)
+    # The episode engine's own system prompt: verl filters overlong rows by it.
+    prompt = episode_system_prompt(settings.episode)
     write_verl_parquet(train, paths.train_files, verl_config.AGENT_NAME, system_prompt=prompt)
     write_verl_parquet(val, paths.val_files, verl_config.AGENT_NAME, system_prompt=prompt)
     write_tool_config(paths.tool_config, use_context_tools=settings.episode.use_context_tools)
@@ -89,8 +94,6 @@ def tool_server(settings: Settings, *, startup_timeout_s: float = 120.0) -> Iter
     if settings.memory.server_url:
         yield settings.memory.server_url
         return
-    from agemem.memory.process import free_port, start_server_process, stop_server_process
-
     host = settings.memory.host
     port = settings.memory.port or free_port(host)
     log_path = settings.runs_dir / "tool-server.log"
@@ -145,8 +148,6 @@ def run_verl(
         if episodes_path is None:
             raise ValueError("episodes_path is required unless dry_run")
         prepare_inputs(settings, episodes_path, paths)
-        from agemem.train.tiny_model import is_tiny, materialise_tiny_model
-
         if is_tiny(settings.train.model):
             model_path = str(materialise_tiny_model(settings, verl_work_dir(settings) / "tiny-model"))
     overrides = verl_config.build_overrides(settings, paths, model_path=model_path)
@@ -179,4 +180,30 @@ def run_verl(
     return run
 
 
-__all__ = ["VerlRun", "main_ppo_command", "plan_paths", "ray_submit_command", "run_verl", "tool_server"]
+def train_verl(settings: Settings, episodes_path: Path, *, mlflow_run_id: str | None = None) -> TrainResult:
+    """verl GRPO on ``episodes_path``, then verl's merger on the newest checkpoint.
+
+    A LoRA run's merged directory holds the *base* weights plus ``lora_adapter/``: the result names
+    the adapter as the trained policy and no model directory, so nothing evaluates the base by
+    mistake. A full fine-tune's merged directory is the trained model.
+    """
+    run = run_verl(settings, episodes_path, mlflow_run_id=mlflow_run_id)
+    step_dir = latest_verl_step_dir(run.paths.checkpoint_dir) if run.paths.checkpoint_dir else None
+    if step_dir is None:
+        raise RuntimeError(f"verl finished but wrote no global_step_* under {run.paths.checkpoint_dir}")
+    merged = merge_checkpoint(step_dir, verl_work_dir(settings) / f"merged-{step_dir.name}")
+    adapter = merged / "lora_adapter"
+    has_adapter = (adapter / "adapter_config.json").is_file()
+    return TrainResult(
+        backend="verl",
+        checkpoint_dir=step_dir,
+        model_dir=None if has_adapter else merged,
+        adapter_dir=adapter if has_adapter else None,
+        steps=step_number(step_dir),
+        history=[],
+        config_hash=config_hash(settings),
+    )
+
+
+__all__ = ["VerlRun", "main_ppo_command", "plan_paths", "ray_submit_command", "run_verl", "tool_server",
+           "train_verl"]

@@ -22,6 +22,14 @@ def latest_verl_step_dir(checkpoint_root: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def step_number(step_dir: Path) -> int:
+    """N of a ``global_step_N`` directory (``ValueError`` for any other name)."""
+    match = _STEP_DIR.match(Path(step_dir).name)
+    if match is None:
+        raise ValueError(f"{step_dir} is not a verl global_step_N directory")
+    return int(match.group(1))
+
+
 def merge_command(actor_dir: Path, target_dir: Path, *, python: str | None = None) -> list[str]:
     """``python -m verl.model_merger merge --backend fsdp --local_dir ACTOR --target_dir OUT``."""
     return [

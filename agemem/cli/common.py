@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from agemem.settings import Settings, load_settings
+from agemem.settings import Settings, explain_settings, load_settings
 
 ProfileOpt = Annotated[
     Optional[str], typer.Option("--profile", "-p", help="Settings profile: smoke or paper (env AGEMEM_PROFILE).")
@@ -34,5 +34,13 @@ def settings_from_cli(profile: str | None, sets: list[str] | None, **extra: obje
     pairs += [f"{key}={value}" for key, value in extra.items() if value is not None]
     try:
         return load_settings(profile, pairs)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def source_of(key: str, profile: str | None, sets: list[str] | None) -> str:
+    """Where ``key``'s value comes from for these flags: default, profile, .env, env or flag."""
+    try:
+        return next(src for k, _, src in explain_settings(profile, list(sets or [])) if k == key)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

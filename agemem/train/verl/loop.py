@@ -25,9 +25,9 @@ from typing import Any
 
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
 
-from agemem.agent.runner import Closer, build_engine, run_episode
-from agemem.data.parquet import decode_script
+from agemem.agent.episode import EpisodeEngine, EpisodeResult
 from agemem.settings import Settings, load_settings
+from agemem.train.verl.rows import decode_script
 
 logger = logging.getLogger(__name__)
 
@@ -35,32 +35,30 @@ logger = logging.getLogger(__name__)
 _VERL_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "logprobs")
 
 
-_RESOURCES: dict[int, tuple[Settings, Any, list[Closer]]] = {}
-_RESOURCE_LOCKS: dict[int, asyncio.Lock] = {}
+# A cache, not state: one engine (memory client, LLM, judge) per worker process and event loop.
+_ENGINES: dict[int, tuple[Settings, EpisodeEngine]] = {}
+_ENGINE_LOCKS: dict[int, asyncio.Lock] = {}
 
 
-async def worker_resources(tokenizer: Any) -> tuple[Settings, Any]:
+async def worker_resources(tokenizer: Any) -> tuple[Settings, EpisodeEngine]:
     """Settings and engine for this process's running event loop (built on first use)."""
     key = id(asyncio.get_running_loop())
-    lock = _RESOURCE_LOCKS.setdefault(key, asyncio.Lock())
+    lock = _ENGINE_LOCKS.setdefault(key, asyncio.Lock())
     async with lock:
-        if key not in _RESOURCES:
+        if key not in _ENGINES:
             settings = load_settings()
-            engine, closers = await build_engine(settings, tokenizer=tokenizer)
-            _RESOURCES[key] = (settings, engine, closers)
+            _ENGINES[key] = (settings, EpisodeEngine.from_settings(settings, tokenizer=tokenizer))
             logger.info("agent-loop worker resources ready (memory server %s)", settings.memory.server_url)
-    settings, engine, _ = _RESOURCES[key]
-    return settings, engine
+    return _ENGINES[key]
 
 
 async def release_worker_resources() -> None:
     """Close the shared clients of the running event loop (tests, worker shutdown)."""
     key = id(asyncio.get_running_loop())
-    entry = _RESOURCES.pop(key, None)
-    _RESOURCE_LOCKS.pop(key, None)
+    entry = _ENGINES.pop(key, None)
+    _ENGINE_LOCKS.pop(key, None)
     if entry is not None:
-        for close in entry[2]:
-            await close()
+        await entry[1].aclose()
 
 
 class StagedMemoryAgentLoop(AgentLoopBase):
@@ -77,11 +75,11 @@ class StagedMemoryAgentLoop(AgentLoopBase):
         settings, engine = await worker_resources(self.tokenizer)
         trajectory_id = f"{script.episode_id}-{uuid.uuid4().hex}"
         overrides = {k: sampling_params[k] for k in _VERL_SAMPLING_KEYS if k in sampling_params}
-        result = await run_episode(engine, script, self.server_manager, trajectory_id=trajectory_id,
-                                   sampling_overrides=overrides)
+        result = await engine.run_tokens(script, self.server_manager, request_id=trajectory_id,
+                                         sampling_overrides=overrides)
         return self.outputs(result, trajectory_id)
 
-    def outputs(self, result: Any, trajectory_id: str) -> list[AgentLoopOutput]:
+    def outputs(self, result: EpisodeResult, trajectory_id: str) -> list[AgentLoopOutput]:
         """One AgentLoopOutput per segment with at least one model token; stats on every output."""
         segments = [s for s in result.segments if sum(s.response_mask) > 0]
         stats = result.extra_fields()

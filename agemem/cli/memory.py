@@ -1,4 +1,4 @@
-"""``agemem serve-tools``: run the memory tool server (also ``python -m agemem.memory.commands``)."""
+"""``agemem serve-tools``: run the memory tool server (also ``python -m agemem.cli.memory``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from agemem.cli_common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,17 @@ import yaml
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
-from agemem.agent.tools import MEMORY_TOOL_NAMES, TOOL_SCHEMAS, ToolCall, memory_call_arguments, validate_call
+from agemem.agent.tools import (
+    MEMORY_TOOL_NAMES,
+    TOOL_SCHEMAS,
+    ToolCall,
+    memory_call_arguments,
+    tool_schemas,
+    validate_call,
+)
 from agemem.memory.base import MemorySession, MemoryUnavailableError
+from agemem.memory.client import build_memory_client
+from agemem.settings import load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +70,6 @@ class MemoryTool(BaseTool):
 
     def _memory_client(self) -> Any:
         if self._client is None:
-            from agemem.memory.client import build_memory_client
-            from agemem.settings import load_settings
-
             overrides = {"memory": {"server_url": self.config["server_url"]}} if self.config.get("server_url") else None
             settings = load_settings(overrides=overrides)
             if not settings.memory.server_url:
@@ -94,8 +100,6 @@ def tool_config(*, server_url: str | None = None, use_context_tools: bool = True
 
     ``use_context_tools=False`` (the ablation) drops Retrieve_memory as the episode engine does.
     """
-    from agemem.agent.tools import tool_schemas
-
     shown = {s["function"]["name"] for s in tool_schemas(use_context_tools)}
     config: dict[str, Any] = {"type": "native"}
     if server_url:

@@ -16,11 +16,14 @@ from typing import Any
 
 import yaml
 
-from agemem.settings import Settings
+from agemem.reward import score as score_module
+from agemem.settings import ENV_PREFIX, PROFILES, Settings
 
 logger = logging.getLogger(__name__)
 
 AGENT_NAME = "staged_memory_agent"
+#: Imported by verl on every Ray worker (the loop module imports verl; this module does not).
+LOOP_CLASS = "agemem.train.verl.loop.StagedMemoryAgentLoop"
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 AGENT_LOOP_YAML = CONF_DIR / "agent_loop.yaml"
 
@@ -38,9 +41,7 @@ class VerlPaths:
 
 def reward_function_path() -> Path:
     """The file verl loads ``compute_score`` from (``reward.custom_reward_function.path``)."""
-    import agemem
-
-    return Path(agemem.__file__).resolve().parent / "reward" / "score.py"
+    return Path(score_module.__file__).resolve()
 
 
 def checkpoint_dir(settings: Settings) -> Path:
@@ -195,7 +196,7 @@ def check_composed(cfg: Any) -> None:
         raise ValueError(f"trainer.default_local_dir must be absolute for resume, got {local_dir!r}")
 
 
-# Settings sections the agent-loop workers build their episode engine from (agemem.agent.verl_loop).
+# Settings sections the agent-loop workers build their episode engine from (agemem.train.verl.loop).
 WORKER_SECTIONS = ("episode", "memory", "llm", "judge")
 
 
@@ -217,8 +218,6 @@ def worker_settings_env(settings: Settings) -> dict[str, str]:
     env (it is visible in Ray's dashboard and job metadata): workers read them from their own env.
     """
     from pydantic import SecretStr
-
-    from agemem.settings import ENV_PREFIX, PROFILES
 
     env: dict[str, str] = {}
     profile = PROFILES.get(settings.profile, {})
@@ -274,7 +273,7 @@ def _quoted(text: str) -> str:
 
 def write_agent_loop_config(path: Path) -> Path:
     """Write the agent-loop registry YAML verl reads (``agent_loop_config_path``)."""
-    entries = [{"name": AGENT_NAME, "_target_": "agemem.agent.verl_loop.StagedMemoryAgentLoop"}]
+    entries = [{"name": AGENT_NAME, "_target_": LOOP_CLASS}]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(entries, sort_keys=False))
     return path
