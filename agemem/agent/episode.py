@@ -43,7 +43,10 @@ from agemem.agent.prompts import episode_system_prompt
 from agemem.agent.segments import Generation, Segment, SegmentRecorder
 from agemem.agent.state import EpisodeState
 from agemem.agent.stats import EpisodeStats, OverflowEvent
+from agemem.llm import build_llm_client
 from agemem.memory.base import MemoryClient, MemorySession, MemoryUnavailableError
+from agemem.memory.client import build_memory_client
+from agemem.memory.embedder import get_embedder
 from agemem.reward.components import auto_summary_threshold
 from agemem.reward.judge import Judge
 from agemem.reward.metrics import coverage
@@ -268,10 +271,6 @@ class EpisodeEngine:
         ``episode.tokenizer``. ``memory``: default :func:`agemem.memory.client.build_memory_client`.
         ``encode``: the embedding function of Filter_context, summaries and the offline judge.
         """
-        from agemem.llm import build_llm_client
-        from agemem.memory.client import build_memory_client
-        from agemem.memory.embedder import get_embedder
-
         closers: list[Closer] = []
         if tokenizer is None:
             chat_tokenizer = ChatTokenizer.from_path(settings.episode.tokenizer)

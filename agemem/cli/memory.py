@@ -22,6 +22,7 @@ def serve_tools(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Serve the memory tools over HTTP; this process owns the Milvus store (memory.uri)."""
+    # uvicorn, FastAPI and pymilvus load only when the server really starts (the CLI stays fast).
     import uvicorn
 
     from agemem.memory.base import MemoryUnavailableError

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from pydantic import ValidationError
 
 from agemem.assets import SAMPLE_DATA
-from agemem.data.records import HotpotRecord, Paragraph, SupportingFact
+from agemem.data.records import EpisodeScript, HotpotRecord, Paragraph, SupportingFact
 
 if TYPE_CHECKING:
     from agemem.settings import Settings
@@ -229,16 +229,12 @@ def load_records(settings: "Settings", progress: Callable[[int], None] | None = 
     return records
 
 
-def require_labelled(records: Sequence[Any], purpose: str = "training") -> None:
-    """Refuse records (``HotpotRecord`` or ``EpisodeScript``) without a gold answer for ``purpose``.
+def require_labelled(records: Sequence[HotpotRecord | EpisodeScript], purpose: str = "training") -> None:
+    """Refuse records or episode scripts without a gold answer for ``purpose``.
 
     Unlabelled records are fine for inference; training and judged evaluation need the answer.
     """
-    def has_answer(r: Any) -> bool:
-        answer = getattr(r, "answer", None) if hasattr(r, "answer") else getattr(r, "gold_answer", None)
-        return bool(answer and str(answer).strip())
-
-    missing = [getattr(r, "id", None) or getattr(r, "record_id", "?") for r in records if not has_answer(r)]
+    missing = [getattr(r, "id", None) or getattr(r, "record_id", "?") for r in records if not r.labelled]
     if missing:
         shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
         raise UnlabelledDataError(

@@ -82,7 +82,7 @@ def script_stats(scripts: list[EpisodeScript], tokenizer: Any | None = None) -> 
         "by_split": dict(Counter(s.split for s in scripts)),
         "by_type": dict(Counter(str(s.provenance.get("type")) for s in scripts)),
         "by_level": dict(Counter(str(s.provenance.get("level")) for s in scripts)),
-        "unlabelled": sum(1 for s in scripts if not (s.gold_answer and s.gold_answer.strip())),
+        "unlabelled": sum(1 for s in scripts if not s.labelled),
         "size_unit": "tokens" if tokenizer is not None else "words",
         "avg_stage1_size": round(sum(size("\n".join(s.stage1_turns)) for s in sample) / m, 1),
         "avg_question_size": round(sum(size(s.question) for s in sample) / m, 1),

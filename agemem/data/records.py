@@ -62,6 +62,11 @@ class EpisodeScript(BaseModel):
     provenance: dict[str, Any] = Field(default_factory=dict)
 
     @property
+    def labelled(self) -> bool:
+        """Has a gold answer: training and judged evaluation need one."""
+        return bool(self.gold_answer and self.gold_answer.strip())
+
+    @property
     def supporting_sentences(self) -> list[str]:
         return [f.sentence for f in self.supporting_facts if f.sentence]
 

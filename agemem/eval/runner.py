@@ -55,7 +55,7 @@ def select_episodes(settings: "Settings", episodes_path: Path) -> list["EpisodeS
     if not chosen and split == "eval":
         logger.warning("%s has no eval split; evaluating all %d episodes", episodes_path, len(episodes))
         chosen = episodes
-    unlabelled = [e.episode_id for e in chosen if not (e.gold_answer and e.gold_answer.strip())]
+    unlabelled = [e.episode_id for e in chosen if not e.labelled]
     if unlabelled:
         # Judging against an LLM-made reference is judge-on-judge (reference defect 15): refuse, say which.
         raise ValueError(f"{len(unlabelled)} evaluation episodes have no gold answer (e.g. {unlabelled[:3]}); "

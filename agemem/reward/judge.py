@@ -18,7 +18,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from agemem.reward.prompts import ANSWER_JUDGE_PROMPT, MEMORY_JUDGE_PROMPT
-from agemem.llm import LLMClient, LLMError
+from agemem.llm import LLMClient, LLMError, build_llm_client
+from agemem.memory.embedder import get_embedder
 from agemem.reward.metrics import exact_match, f1_score
 
 if TYPE_CHECKING:
@@ -91,13 +92,9 @@ class Judge:
         encode: Callable[[list[str]], np.ndarray] | None = None,
     ) -> "Judge":
         """``encode`` replaces the settings' embedder (e.g. the episode engine's per-text cache)."""
-        from agemem.llm import build_llm_client
-
         cfg = settings.judge
 
         def embed(texts: list[str]) -> np.ndarray:
-            from agemem.memory.embedder import get_embedder
-
             return get_embedder(settings.memory.embedding_model, settings.memory.embedding_device).encode(texts)
 
         return cls(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from agemem.digests import update_with_file
 from agemem.tracking.runs import configure, finite_metrics
+from agemem.train.models import is_tiny
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -104,8 +105,6 @@ def _pyfunc_model() -> Any:
 
 
 def _base_reloadable(settings: "Settings") -> bool:
-    from agemem.train.models import is_tiny
-
     return not is_tiny(settings.train.model)
 
 
@@ -156,6 +155,48 @@ def apply_gate(settings: "Settings", name: str, version: str) -> tuple[bool, str
         f"{metric} {cand_value:.4f} does not beat champion v{champion.version} ({champ_value:.4f}) by > {delta}")
 
 
+def registration_artifacts(settings: "Settings", adapter_dir: Path | None, model_dir: Path | None) -> dict[str, str]:
+    """What a version carries: the adapter, plus the merged model when the base cannot be re-created
+    by name (or there is no adapter); ``FileNotFoundError`` names a missing directory."""
+    artifacts: dict[str, str] = {}
+    if adapter_dir is not None:
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+        artifacts["adapter"] = str(adapter_dir)
+    want_model = settings.tracking.log_merged_model
+    if want_model is None:
+        want_model = adapter_dir is None or not _base_reloadable(settings)
+    if want_model:
+        if model_dir is None or not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"a merged model directory is needed for registration, got {model_dir}")
+        artifacts["model"] = str(model_dir)
+    if not artifacts:
+        raise ValueError("nothing to register: give adapter_dir or model_dir")
+    return artifacts
+
+
+def _log_version(client: "MlflowClient", name: str, artifacts: dict[str, str], tags: dict[str, str],
+                 run_id: str | None) -> Any:
+    """Log the pyfunc model under ``run_id`` and create its version (alias ``candidate``)."""
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id) if run_id else contextlib.nullcontext():
+        info = mlflow.pyfunc.log_model(
+            name="policy",
+            python_model=_pyfunc_model(),
+            artifacts=artifacts,
+            # Explicit requirements: inference would import and probe the whole environment.
+            pip_requirements=["agemem", "transformers", "peft", "torch"],
+        )
+    version = client.create_model_version(
+        name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id,
+        description=f"adapter sha256 {tags[HASH_TAG]}",
+    )
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    logger.info("registered %s v%s (%s)", name, version.version, info.model_uri)
+    return version
+
+
 def register_model(
     settings: "Settings",
     *,
@@ -171,23 +212,9 @@ def register_model(
     adapter). ``metrics``: the eval aggregates, stored as version tags ``eval.<name>``.
     ``run_id``: the run the model is logged under (the pipeline's register stage run).
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
 
-    artifacts: dict[str, str] = {}
-    if adapter_dir is not None:
-        if not (Path(adapter_dir) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-        artifacts["adapter"] = str(adapter_dir)
-    want_model = settings.tracking.log_merged_model
-    if want_model is None:
-        want_model = adapter_dir is None or not _base_reloadable(settings)
-    if want_model:
-        if model_dir is None or not (Path(model_dir) / "config.json").is_file():
-            raise FileNotFoundError(f"a merged model directory is needed for registration, got {model_dir}")
-        artifacts["model"] = str(model_dir)
-    if not artifacts:
-        raise ValueError("nothing to register: give adapter_dir or model_dir")
+    artifacts = registration_artifacts(settings, adapter_dir, model_dir)
     sha = content_hash([Path(p) for p in artifacts.values()])
     client = configure(settings)
     name = settings.tracking.registered_model
@@ -195,31 +222,16 @@ def register_model(
         client.create_registered_model(name, description="AgeMem policy (LoRA adapter / merged model).")
     except MlflowException:
         pass  # already exists
-    tags = {HASH_TAG: sha, **_metric_tags(metrics)}
     existing = client.search_model_versions(f"name='{name}' and tags.`{HASH_TAG}`='{sha}'")
+    reused = bool(existing)
     if existing:
         version = max(existing, key=lambda v: int(v.version))
-        reused = True
         for key, value in _metric_tags(metrics).items():
             if key not in (version.tags or {}):
                 client.set_model_version_tag(name, version.version, key, value)
         logger.info("model content %s already registered as %s v%s; reusing it", sha[:12], name, version.version)
     else:
-        with mlflow.start_run(run_id=run_id) if run_id else contextlib.nullcontext():
-            info = mlflow.pyfunc.log_model(
-                name="policy",
-                python_model=_pyfunc_model(),
-                artifacts=artifacts,
-                # Explicit requirements: inference would import and probe the whole environment.
-                pip_requirements=["agemem", "transformers", "peft", "torch"],
-            )
-        version = client.create_model_version(
-            name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id,
-            description=f"adapter sha256 {sha}",
-        )
-        reused = False
-        client.set_registered_model_alias(name, CANDIDATE, version.version)
-        logger.info("registered %s v%s (%s)", name, version.version, info.model_uri)
+        version = _log_version(client, name, artifacts, {HASH_TAG: sha, **_metric_tags(metrics)}, run_id)
     moved, previous, gate = apply_gate(settings, name, str(version.version))
     current = client.get_model_version(name, str(version.version))
     return Registration(

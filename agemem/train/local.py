@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from agemem import tracking
 from agemem.agent.episode import EpisodeEngine
 from agemem.data.episodes_io import read_episodes
+from agemem.data.hotpot import require_labelled
 from agemem.data.records import EpisodeScript
 from agemem.reward.score import score_episode
 from agemem.settings import Settings
+from agemem.tracking.runs import log_metrics
 from agemem.train import checkpoint as ckpt
 from agemem.train.models import (
     RANDOM_WEIGHTS_NOTE,
@@ -81,6 +82,7 @@ def load_train_episodes(path: Path) -> list[EpisodeScript]:
     train = [e for e in episodes if e.split == "train"] or episodes
     if not train:
         raise ValueError(f"no episodes in {path}")
+    require_labelled(train, "training")
     return train
 
 
@@ -310,7 +312,7 @@ class LocalTrainer:
 
     def log_mlflow(self, metrics: dict[str, float], step: int) -> None:
         if self.mlflow_run_id:
-            tracking.log_metrics(self.settings, self.mlflow_run_id,
+            log_metrics(self.settings, self.mlflow_run_id,
                                  {k: v for k, v in metrics.items() if k != "step"}, step=step)
 
     def result(self) -> TrainResult:

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 from agemem.agent.prompts import episode_system_prompt
 from agemem.data.episodes_io import read_episodes
+from agemem.data.hotpot import require_labelled
 from agemem.memory.process import free_port, start_server_process, stop_server_process
 from agemem.settings import Settings, offline_env
 from agemem.train.models import is_tiny, materialise_tiny_model
@@ -79,6 +80,7 @@ def prepare_inputs(settings: Settings, episodes_path: Path, paths: VerlPaths) ->
     if not episodes:
         raise ValueError(f"no episodes in {episodes_path}")
     train = [e for e in episodes if e.split == "train"] or episodes
+    require_labelled(train, "training")
     val = [e for e in episodes if e.split != "train"] or train[:1]
     # The episode engine's own system prompt: verl filters overlong rows by it.
     prompt = episode_system_prompt(settings.episode)
