@@ -41,6 +41,7 @@ from agemem.train.models import (
     load_tokenizer,
     resolve_device,
 )
+from agemem.train.metrics import step_metrics, trajectory_metrics
 from agemem.train.run import TrainResult, config_hash
 from agemem.train.token_server import LocalTokenServer
 
@@ -230,24 +231,8 @@ class LocalTrainer:
     # -- one step / the run -------------------------------------------------------------------
 
     def rollout_metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
-        rewards = [r.reward for r in rollouts]
-        out: dict[str, float] = {
-            "reward/mean": float(statistics.fmean(rewards)),
-            "reward/std": float(statistics.pstdev(rewards)) if len(rewards) > 1 else 0.0,
-        }
-        for key in rollouts[0].scores:
-            if key != "score":
-                out[f"reward/{key}"] = float(statistics.fmean(r.scores[key] for r in rollouts))
-        tools: dict[str, float] = {}
-        for r in rollouts:
-            stats = r.result.stats
-            for name, outcomes in (getattr(stats, "tool_calls", None) or {}).items():
-                tools[name] = tools.get(name, 0.0) + sum(outcomes.values())
-        for name, count in tools.items():
-            out[f"tools/{name}"] = count / len(rollouts)
-        for attr in ("tool_call_count", "tool_error_count", "format_error_count", "total_rounds", "overflow_count"):
-            values = [float(getattr(r.result.stats, attr, 0) or 0) for r in rollouts]
-            out[f"episode/{attr}"] = float(statistics.fmean(values))
+        """The step's rollout metrics (:mod:`agemem.train.metrics`, the names verl logs too) and token counts."""
+        out = step_metrics([trajectory_metrics(r.result.extra_fields(), r.scores) for r in rollouts])
         out["tokens/model"] = float(sum(sum(sum(s.response_mask) for s in r.result.segments) for r in rollouts))
         out["tokens/total"] = float(sum(sum(len(s.prompt_ids) + len(s.response_ids) for s in r.result.segments)
                                         for r in rollouts))
