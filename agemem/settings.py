@@ -251,6 +251,19 @@ class TrainSettings(_Section):
     # -- lengths ----------------------------------------------------------------------------------
     max_prompt_length: int = Field(8192, ge=16, description="verl data.max_prompt_length: a segment's prompt.")
     max_response_length: int = Field(2048, ge=16, description="verl data.max_response_length: a segment's response.")
+    # -- collapse alarms --------------------------------------------------------------------------
+    collapse_entropy_min: float = Field(
+        0.05, ge=0, description="Alarm when the policy's mean token entropy (nats) falls below this."
+    )
+    collapse_grad_norm_max: float = Field(
+        1000.0, gt=0, description="Alarm when the gradient norm (before clipping) exceeds this or is not finite."
+    )
+    collapse_patience: int = Field(
+        2, ge=1, description="Steps with no tool call at all (after tools were called) before the alarm."
+    )
+    stop_on_collapse: bool = Field(
+        False, description="Stop at a collapse alarm and keep the last good checkpoint (else: warn and go on)."
+    )
     # -- checkpoints ------------------------------------------------------------------------------
     output_dir: Path = Field(Path("runs/checkpoints"), description="Checkpoints (local: one folder per config).")
     save_every: int = Field(1, ge=1, description="Steps between checkpoints (the last step is always saved).")
@@ -277,6 +290,29 @@ class TrainSettings(_Section):
     )
 
 
+class WarmStartSettings(_Section):
+    """Teacher warm start: supervised fine-tuning on teacher trajectories before GRPO (``agemem train --algo sft``)."""
+
+    enabled: bool = Field(
+        False, description="Run the warm start before GRPO (smoke: on; paper: off, it starts RL from the instruct model)."
+    )
+    teacher: Literal["scripted", "llm"] = Field(
+        "scripted", description="'scripted': the deterministic sensible agent; 'llm': the llm section's model."
+    )
+    style: Literal["default", "compact"] = Field(
+        "default", description="Scripted teacher's replies: 'compact' fits short turns (a small model's warm start)."
+    )
+    episodes: int | None = Field(None, ge=1, description="Teacher episodes: the first N train episodes (None = all).")
+    rollouts_per_episode: int = Field(1, ge=1, description="Teacher trajectories per episode (>1 for sampling LLMs).")
+    keep_metric: Literal["reward", "judge_score"] = Field(
+        "reward", description="Rejection sampling keeps trajectories whose reward (or judge score) reaches min_score."
+    )
+    min_score: float = Field(0.0, description="Threshold of rejection sampling on keep_metric.")
+    epochs: int = Field(3, ge=1, description="Passes over the kept trajectories.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate of the warm start (AdamW; LoRA per train.lora_rank).")
+    batch_segments: int = Field(4, ge=1, description="Segments per optimizer step.")
+
+
 class EvalSettings(_Section):
     """Evaluation runs (also the paper's ablations, through the episode section's flags)."""
 
@@ -293,6 +329,9 @@ class EvalSettings(_Section):
     limit: int | None = Field(None, ge=1, description="Evaluate the first N episodes (None = all).")
     concurrency: int = Field(4, ge=1, description="Episodes evaluated at once.")
     output_dir: Path = Field(Path("runs/eval"), description="Reports land in <output_dir>/<policy>-<time>.")
+    compare_checkpoints: bool = Field(
+        False, description="The pipeline also evaluates the base and warm-start models, in one table with GRPO's."
+    )
 
     @model_validator(mode="after")
     def _endpoint_needs(self) -> "EvalSettings":
@@ -327,7 +366,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "stage1_max_rounds": 2,
             "stage2_max_rounds": 1,
             "stage3_max_rounds": 2,
-            "max_turn_tokens": 24,
+            # A compact teacher reply (one tool call) is ~55 tokens: the warm-started model needs room for it.
+            "max_turn_tokens": 64,
         },
         "train": {
             "backend": "local",
@@ -342,7 +382,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "max_response_length": 256,
             "n_gpus_per_node": 0,
         },
-        "eval": {"limit": 4, "concurrency": 2},
+        "warm_start": {"enabled": True, "style": "compact", "epochs": 3, "lr": 1e-3},
+        "eval": {"limit": 4, "concurrency": 2, "compare_checkpoints": True},
     },
     "paper": {
         "data": {"source": "hotpotqa/hotpot_qa", "hub_config": "fullwiki", "split": "train", "distractor_messages": 3},
@@ -370,6 +411,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "n_gpus_per_node": 8,
             "save_every": 20,
         },
+        "warm_start": {"enabled": False, "teacher": "llm", "rollouts_per_episode": 4, "keep_metric": "judge_score",
+                       "min_score": 0.8},
         "eval": {"policy": "checkpoint"},
     },
 }
@@ -423,6 +466,7 @@ class Settings(BaseSettings):
     memory: MemorySettings = MemorySettings()
     episode: EpisodeSettings = EpisodeSettings()
     train: TrainSettings = TrainSettings()
+    warm_start: WarmStartSettings = WarmStartSettings()
     eval: EvalSettings = EvalSettings()
     tracking: TrackingSettings = TrackingSettings()
 
@@ -514,7 +558,7 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ keys and sources
-SECTIONS: tuple[str, ...] = ("data", "llm", "judge", "memory", "episode", "train", "eval", "tracking")
+SECTIONS: tuple[str, ...] = ("data", "llm", "judge", "memory", "episode", "train", "warm_start", "eval", "tracking")
 
 
 def setting_keys() -> dict[str, str]:
@@ -647,6 +691,7 @@ __all__ = [
     "Settings",
     "TrackingSettings",
     "TrainSettings",
+    "WarmStartSettings",
     "load_settings",
     "parse_overrides",
 ]

@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from agemem import tracking
 from agemem.data.prepare import episodes_path
+from agemem.eval.report import comparison_markdown
 from agemem.eval.runner import ROWS_FILE, evaluate as run_evaluation
 from flows.common import OUTSIDE_RETRIES, load, stage
 
@@ -58,22 +59,41 @@ def _episodes_or_default(settings: Any, episodes: str | None) -> str:
 
 @flow(name="evaluate")
 def evaluate(profile: str = "smoke", overrides: list[str] | None = None, model_path: str | None = None,
-             episodes: str | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Evaluate ``model_path`` (or ``eval.policy``) on the eval episodes; publishes the report."""
+             episodes: str | None = None, parent_run_id: str | None = None, label: str | None = None,
+             compare: dict[str, str] | None = None) -> dict[str, Any]:
+    """Evaluate ``model_path`` (or ``eval.policy``) on the eval episodes; publishes the report.
+
+    ``label`` names the checkpoint in the report (e.g. "GRPO"); ``compare`` maps more labels to
+    models (e.g. the base and the warm start), evaluated on the same questions and shown in one table.
+    """
     logger = get_run_logger()
     settings = load(profile, overrides)
     path = _episodes_or_default(settings, episodes)
     with stage(settings, parent_run_id, "evaluate") as run_id:
         out = evaluate_task(settings, path, model_path)
         _log_eval(settings, [run_id, parent_run_id], out)
+        if compare:
+            results = {name: evaluate_task(settings, path, other,
+                                           str(Path(out["output_dir"]) / f"compare-{_slug(name)}"))["aggregates"]
+                       for name, other in compare.items()}
+            results[label or out["label"]] = out["aggregates"]
+            with Path(out["report"]).open("a", encoding="utf-8") as fh:
+                fh.write("\n" + comparison_markdown(results))
+            for name, agg in results.items():
+                tracking.log_metrics(settings, run_id, {f"compare.{_slug(name)}.{k}": v for k, v in agg.items()})
     agg = out["aggregates"]
     if agg.get("judge_fallbacks"):
         logger.warning("%d of %d answers were scored by the offline fallback (judge unavailable or unparseable)",
                        int(agg["judge_fallbacks"]), int(agg.get("n", 0)))
-    logger.info("evaluated %s: J=%.3f EM=%.3f F1=%.3f MQ=%.3f; report %s", out["label"], agg.get("judge_score", 0.0),
-                agg.get("em", 0.0), agg.get("f1", 0.0), agg.get("memory_quality", 0.0), out["report"])
-    _publish(out, EVAL_REPORT_KEY, f"Evaluation of {out['label']}")
+    logger.info("evaluated %s: J=%.3f EM=%.3f F1=%.3f MQ=%.3f; report %s", label or out["label"],
+                agg.get("judge_score", 0.0), agg.get("em", 0.0), agg.get("f1", 0.0), agg.get("memory_quality", 0.0),
+                out["report"])
+    _publish(out, EVAL_REPORT_KEY, f"Evaluation of {label or out['label']}")
     return {**out, "mlflow_run_id": run_id}
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in label.lower()).strip("_")
 
 
 @flow(name="evaluate-champion")

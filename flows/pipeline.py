@@ -7,6 +7,7 @@ training) steps; re-running after a crash resumes where it stopped.
 
 from __future__ import annotations
 
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -17,7 +18,7 @@ from flows.common import load, timed
 from flows.data import prepare_data, synthesize_distractors
 from flows.evaluate import evaluate
 from flows.register import register
-from flows.train import train
+from flows.train import grpo_overrides, train, warm_start
 
 #: Aggregates returned in the pipeline's result (all of them are in MLflow and the report).
 HEADLINE = ("n", "judge_score", "em", "f1", "memory_quality", "reward", "rounds", "tool_call_count",
@@ -45,12 +46,16 @@ def agemem_pipeline(profile: str = "smoke", overrides: list[str] | None = None, 
             scripts = prepare_data(profile, pairs, parent_run_id=parent)
         with timed(timings, "synthesize_distractors"):
             data = synthesize_distractors(profile, pairs, scripts=scripts["scripts"], parent_run_id=parent)
+        warm = None
+        if settings.warm_start.enabled:
+            with timed(timings, "warm_start"):
+                warm = warm_start(profile, pairs, episodes=data["episodes"], parent_run_id=parent)
         with timed(timings, "train"):
-            trained = train(profile, pairs, episodes=data["episodes"], parent_run_id=parent)
+            trained = train(profile, pairs + grpo_overrides(warm), episodes=data["episodes"], parent_run_id=parent)
         model_path = str(TrainResult.from_dict(trained).policy_path)
         with timed(timings, "evaluate"):
             evaluated = evaluate(profile, pairs, model_path=model_path, episodes=data["episodes"],
-                                 parent_run_id=parent)
+                                 parent_run_id=parent, label="GRPO", compare=_compared(settings, warm))
         with timed(timings, "register"):
             reg = register(profile, pairs, adapter_dir=trained["adapter_dir"], model_dir=trained["model_dir"],
                            metrics=evaluated["aggregates"], parent_run_id=parent)
@@ -70,12 +75,19 @@ def agemem_pipeline(profile: str = "smoke", overrides: list[str] | None = None, 
         "report": evaluated["report"],
         "checkpoint": trained["checkpoint_dir"],
         "cached": {"prepare_data": scripts["cached"], "synthesize_distractors": data["cached"],
-                   "train": trained["cached"]},
+                   **({"warm_start": warm["cached"]} if warm else {}), "train": trained["cached"]},
         "timings": timings,
     }
     logger.info("registered %s v%s %s; J=%.3f; stage times %s", reg["name"], reg["version"], reg["aliases"],
                 result["metrics"]["judge_score"] or 0.0, timings)
     return result
+
+
+def _compared(settings: Any, warm: dict[str, Any] | None) -> dict[str, str] | None:
+    """The checkpoints the report sets beside GRPO's numbers (``eval.compare_checkpoints``)."""
+    if not settings.eval.compare_checkpoints:
+        return None
+    return {"base": settings.train.model, **({"warm start": warm["model_dir"]} if warm else {})}
 
 
 __all__ = ["agemem_pipeline"]

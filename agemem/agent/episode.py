@@ -105,6 +105,7 @@ class _StageDriver:
                                   encode=engine.embed.encode, allowed=engine.tool_names)
         self.threshold = auto_summary_threshold(self.cfg)
         self.generate_s = 0.0
+        self.teacher_cut_warned = False
 
     # -- budget -------------------------------------------------------------------------------
     def _enforce_budget(self) -> None:
@@ -142,14 +143,31 @@ class _StageDriver:
                                model=len(self.engine.tokenizer.encode(text)))
             s.recorder.forget_pending()
             return text
+        messages = s.ctx.messages() if self.mode == "teacher" else None
         prompt, injected = s.recorder.next_prompt(s.ctx, s.stage)
         s.stats.add_tokens(s.stage, injected=injected)
         start = time.perf_counter()
-        out = await self.policy.generate(self.request_id, prompt_ids=prompt, sampling_params=dict(self.sampling))
+        if messages is not None:
+            generation = self._teacher_turn(await self.policy.chat(messages, dict(self.sampling)))
+        else:
+            out = await self.policy.generate(self.request_id, prompt_ids=prompt, sampling_params=dict(self.sampling))
+            generation = Generation.of(out)
         self.generate_s += time.perf_counter() - start
-        ids = s.recorder.record(Generation.of(out), self.cfg.max_turn_tokens)
+        ids = s.recorder.record(generation, self.cfg.max_turn_tokens)
         s.stats.add_tokens(s.stage, model=len(ids))
         return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _teacher_turn(self, text: Any) -> Generation:
+        """A teacher's reply as the policy's own tokens (closed with eos, as a sampled turn would be)."""
+        tokenizer = self.engine.tokenizer
+        ids = tokenizer.encode(text if isinstance(text, str) else str(text or ""))
+        if tokenizer.eos_id is not None:
+            ids.append(tokenizer.eos_id)
+        if len(ids) > self.cfg.max_turn_tokens and not self.teacher_cut_warned:
+            self.teacher_cut_warned = True  # once per episode: the cap is a setting, not a per-turn event
+            logger.warning("episode %s: teacher replies longer than episode.max_turn_tokens=%d are cut (first: %d "
+                           "tokens)", self.state.script.episode_id, self.cfg.max_turn_tokens, len(ids))
+        return Generation(ids)
 
     # -- stages -------------------------------------------------------------------------------
     def _over_threshold(self) -> bool:
@@ -336,6 +354,23 @@ class EpisodeEngine:
     ) -> EpisodeResult:
         """One episode against a chat-level policy (messages in, text out); no segments."""
         return await self._run(script, policy, "chat", uuid.uuid4().hex, session,
+                               self.sampling_params(sampling_overrides))
+
+    async def run_teacher(
+        self,
+        script: "EpisodeScript",
+        policy: Any,
+        *,
+        session: MemorySession | None = None,
+        sampling_overrides: dict[str, Any] | None = None,
+    ) -> EpisodeResult:
+        """One episode played by a chat-level teacher, recorded as token segments of the policy's tokenizer.
+
+        The teacher sees the same messages a chat policy would; each reply is encoded with the engine's
+        tokenizer and recorded as a model turn (mask 1), so the segments are exactly what supervised
+        warm start trains on and what GRPO would have recorded had the policy written those tokens.
+        """
+        return await self._run(script, policy, "teacher", uuid.uuid4().hex, session,
                                self.sampling_params(sampling_overrides))
 
     def new_state(self, script: "EpisodeScript", session: MemorySession | None) -> EpisodeState:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from agemem.agent.context import ChatTokenizer
@@ -79,37 +80,66 @@ def best_retrieved_sentence(prompt_text: str, question: str) -> str | None:
     return best
 
 
-def default_responses(script: EpisodeScript) -> dict[Key, list[Response]]:
-    """The sensible-agent script for one episode."""
+@dataclass(frozen=True)
+class ScriptStyle:
+    """How the sensible agent writes: the default fits the paper's turns; :data:`COMPACT` fits short
+    turns (a small model's warm start under a tight ``episode.max_turn_tokens``)."""
+
+    facts_per_reply: int = 5
+    fact_sentences: int = 2
+    fact_chars: int | None = None  # cut each stored fact to this many characters (at a word)
+    criteria_words: int | None = None  # Filter_context criteria: the first N words of the previous distractor
+    answer_words: int | None = None  # cut the stage-3 answer to N words
+    terse: bool = False  # one-word thoughts
+
+
+COMPACT = ScriptStyle(facts_per_reply=1, fact_sentences=1, fact_chars=40, criteria_words=4, answer_words=6,
+                      terse=True)
+
+
+def _cut(text: str, chars: int | None = None, words: int | None = None) -> str:
+    if words is not None:
+        text = " ".join(text.split()[:words])
+    if chars is not None and len(text) > chars:
+        text = text[:chars].rsplit(" ", 1)[0]
+    return text
+
+
+def default_responses(script: EpisodeScript, style: ScriptStyle = ScriptStyle()) -> dict[Key, list[Response]]:
+    """The sensible-agent script for one episode, written in ``style``."""
+    think = (lambda long, short: short) if style.terse else (lambda long, short: long)
     out: dict[Key, list[Response]] = {}
     for i, text in enumerate(script.stage1_turns):
-        facts = fact_lines(text) or [text[:2000]]
+        facts = [_cut(f, style.fact_chars) for f in fact_lines(text, style.fact_sentences)] or [text[:2000]]
         calls = [_call("Add_memory", content=f, memory_type="knowledge") for f in facts]
-        # Batches of 5 calls keep each reply short and under the engine's per-reply call limit.
+        n = style.facts_per_reply  # a few calls per reply keep it short and under the per-reply call limit
         replies: list[Response] = [
-            _tool_reply("These facts may matter later; store them in long-term memory.", calls[k : k + 5])
-            for k in range(0, len(calls), 5)
+            _tool_reply(think("These facts may matter later; store them in long-term memory.", "Store."),
+                        calls[k : k + n])
+            for k in range(0, len(calls), n)
         ]
-        out[(1, i)] = replies + ["<think>Stored.</think>\n<answer>Thanks, noted.</answer>"]
+        out[(1, i)] = replies + [f"<think>{think('Stored.', 'Done.')}</think>\n<answer>Thanks, noted.</answer>"]
     distractors = [d.text for d in script.distractors if d.text.strip()]
     for i, text in enumerate(distractors):
-        reply = "<think>Small talk unrelated to my stored facts.</think>\n<answer>Sounds nice!</answer>"
+        reply = f"<think>{think('Small talk unrelated to my stored facts.', 'Chat.')}</think>\n<answer>Sounds nice!</answer>"
         if i == 0:
             out[(2, i)] = [reply]
         else:
+            criteria = _cut(distractors[i - 1], words=style.criteria_words)
             out[(2, i)] = [
-                _tool_reply("The previous small talk is irrelevant now; drop it.",
-                            [_call("Filter_context", criteria=distractors[i - 1])]),
+                _tool_reply(think("The previous small talk is irrelevant now; drop it.", "Drop."),
+                            [_call("Filter_context", criteria=criteria)]),
                 reply,
             ]
     question = script.question
 
     def answer(prompt_text: str) -> str:
-        sentence = best_retrieved_sentence(prompt_text, question) or "I do not know"
-        return f"<think>The best matching memory answers it.</think>\n<answer>{sentence}</answer>"
+        sentence = _cut(best_retrieved_sentence(prompt_text, question) or "I do not know", words=style.answer_words)
+        return f"<think>{think('The best matching memory answers it.', 'Answer.')}</think>\n<answer>{sentence}</answer>"
 
     out[(3, 0)] = [
-        _tool_reply("Look up what I stored about this.", [_call("Retrieve_memory", query=question, top_k=3)]),
+        _tool_reply(think("Look up what I stored about this.", "Recall."),
+                    [_call("Retrieve_memory", query=question, top_k=3)]),
         answer,
     ]
     return out
@@ -198,6 +228,8 @@ class ScriptedChatPolicy:
 
 
 __all__ = [
+    "COMPACT",
+    "ScriptStyle",
     "ScriptedChatPolicy",
     "ScriptedTokenPolicy",
     "best_retrieved_sentence",

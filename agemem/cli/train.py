@@ -22,6 +22,9 @@ EpisodesOpt = Annotated[
     Optional[Path], typer.Option("--episodes", help="episodes.jsonl (default: <data.output_dir>/episodes.jsonl).")
 ]
 RunIdOpt = Annotated[Optional[str], typer.Option("--mlflow-run-id", help="Attach metrics to this MLflow run.")]
+AlgoOpt = Annotated[
+    str, typer.Option("--algo", help="'grpo' (after the warm start when warm_start.enabled) or 'sft' (the warm start only).")
+]
 
 
 def train(
@@ -31,9 +34,12 @@ def train(
     profile: ProfileOpt = None,
     sets: SetOpt = None,
     mlflow_run_id: RunIdOpt = None,
+    algo: AlgoOpt = "grpo",
 ) -> None:
-    """GRPO training with verl or the local trainer."""
+    """GRPO training with verl or the local trainer, and the teacher warm start (SFT)."""
     configure_logging()
+    if algo not in ("grpo", "sft"):
+        raise typer.BadParameter(f"algo must be 'grpo' or 'sft', got {algo!r}", param_hint="--algo")
     if backend is not None and backend not in ("verl", "local"):
         raise typer.BadParameter(f"backend must be 'verl' or 'local', got {backend!r}", param_hint="--backend")
     settings = settings_from_cli(profile, sets, **{"train.backend": backend})
@@ -60,7 +66,7 @@ def train(
         raise typer.BadParameter(f"episodes file {episodes_path} does not exist (run `agemem data prepare` first)",
                                  param_hint="--episodes")
     try:
-        result = run_training(settings, episodes_path, mlflow_run_id=mlflow_run_id)
+        result = run_training(settings, episodes_path, algo=algo, mlflow_run_id=mlflow_run_id)  # type: ignore[arg-type]
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -18,7 +18,7 @@ from agemem.agent.policy import LLMChatPolicy
 from agemem.agent.scripted import ScriptedChatPolicy
 from agemem.llm import LLMClient, build_backend
 from agemem.settings import LLMSettings
-from agemem.train.models import load_policy_model, load_tokenizer, resolve_device
+from agemem.train.models import gguf_source, is_tiny, load_policy_model, load_tokenizer, resolve_device
 
 if TYPE_CHECKING:
     from agemem.data.records import EpisodeScript
@@ -53,10 +53,18 @@ def adapter_base_model(settings: "Settings", adapter_dir: Path) -> str:
     return settings.train.model
 
 
-def load_checkpoint_model(settings: "Settings", model_path: Path, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from an HF model directory or a PEFT adapter directory."""
+def is_base_source(model: str | Path) -> bool:
+    """A base model named the way ``train.model`` names it (the tiny model, a GGUF file or folder), not a checkpoint."""
+    return is_tiny(str(model)) or gguf_source(str(model)) is not None
+
+
+def load_checkpoint_model(settings: "Settings", model_path: Path | str, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) from an HF model directory, a PEFT adapter directory, or a base model source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if is_base_source(model_path):
+        tokenizer = load_tokenizer(settings, str(model_path))
+        return load_policy_model(settings, tokenizer, device=device, model=str(model_path)).eval(), tokenizer
     model_path = Path(model_path)
     is_adapter = (model_path / "adapter_config.json").is_file()
     base_source = adapter_base_model(settings, model_path) if is_adapter else None
@@ -88,10 +96,10 @@ def build_policy(settings: "Settings", model_path: Path | None = None) -> Policy
         path = model_path or (Path(cfg.model) if cfg.model else None)
         if path is None:
             raise ValueError("eval.policy=checkpoint needs a model path (--model or eval.model)")
-        if not Path(path).exists():
+        if not is_base_source(path) and not Path(path).exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         device = resolve_device(settings.train.device)
-        model, tokenizer = load_checkpoint_model(settings, Path(path), device)
+        model, tokenizer = load_checkpoint_model(settings, path, device)
         server = LocalTokenServer(model, tokenizer, device=device, default_max_tokens=settings.episode.max_turn_tokens)
         return PolicyHandle("tokens", lambda script: server, tokenizer, f"checkpoint:{path}")
     if not cfg.model:

@@ -73,6 +73,19 @@ def render_markdown(
     return "\n".join(parts) + "\n"
 
 
+#: Columns of the checkpoint comparison (aggregate key, header).
+COMPARED = (("judge_score", "J"), ("em", "EM"), ("f1", "F1"), ("memory_quality", "MQ"), ("reward", "reward"),
+            ("tool_call_count", "tool calls / q"), ("format_errors", "format errors / q"),
+            ("answered_rate", "answered"), ("rounds", "rounds"))
+
+
+def comparison_markdown(results: Mapping[str, Mapping[str, float]]) -> str:
+    """One row per checkpoint (e.g. base / warm start / GRPO), the same episodes and judge for all."""
+    rows = [[label, *(agg.get(key, 0.0) for key, _ in COMPARED)] for label, agg in results.items()]
+    return "\n".join(["## Checkpoints compared (same questions, same judge)", "",
+                      markdown_table(["checkpoint", *(h for _, h in COMPARED)], rows)]) + "\n"
+
+
 def write_plot(aggregates: Mapping[str, float], rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Reward and J distributions plus the tool-use mix, as one PNG."""
     import matplotlib

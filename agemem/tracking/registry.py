@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from agemem.digests import update_with_file
 from agemem.tracking.runs import configure, finite_metrics
-from agemem.train.models import is_tiny
+from agemem.train.models import is_random_weights
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -104,8 +105,13 @@ def _pyfunc_model() -> Any:
     return AgememPolicy()
 
 
-def _base_reloadable(settings: "Settings") -> bool:
-    return not is_tiny(settings.train.model)
+def _base_reloadable(settings: "Settings", adapter_dir: Path | None) -> bool:
+    """Whether an adapter's base can be re-created elsewhere by name: a hub name, not a local path
+    (a warm start, a GGUF file) and not random weights."""
+    base = settings.train.model
+    if adapter_dir is not None and (Path(adapter_dir) / "adapter_config.json").is_file():
+        base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path") or base
+    return not is_random_weights(base) and not Path(base).expanduser().exists()
 
 
 def _metric_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
@@ -165,7 +171,7 @@ def registration_artifacts(settings: "Settings", adapter_dir: Path | None, model
         artifacts["adapter"] = str(adapter_dir)
     want_model = settings.tracking.log_merged_model
     if want_model is None:
-        want_model = adapter_dir is None or not _base_reloadable(settings)
+        want_model = adapter_dir is None or not _base_reloadable(settings, adapter_dir)
     if want_model:
         if model_dir is None or not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"a merged model directory is needed for registration, got {model_dir}")

@@ -77,16 +77,28 @@ def segment_item(
     )
 
 
-def token_log_probs(model: Any, item: SegmentBatchItem, *, device: str) -> torch.Tensor:
-    """Log-probs of the model tokens of one segment (only those logits are materialised)."""
+def token_log_probs(model: Any, item: SegmentBatchItem, *, device: str,
+                    with_entropy: bool = False) -> Any:
+    """Log-probs of the model tokens of one segment (only those logits are materialised).
+
+    ``with_entropy``: also the policy's entropy at those positions (detached), as
+    ``(log_probs, entropy)``: the collapse signal verl logs as ``actor/entropy``.
+    """
     if not item.target_positions:
-        return torch.zeros(0, device=device)
+        empty = torch.zeros(0, device=device)
+        return (empty, empty) if with_entropy else empty
     input_ids = torch.tensor([item.input_ids], dtype=torch.long, device=device)
     positions = torch.tensor(item.target_positions, dtype=torch.long, device=device)
     # logits_to_keep with an index tensor computes the LM head only at those positions (vocab is 152k).
     logits = model(input_ids=input_ids, logits_to_keep=positions).logits[0].float()
     targets = input_ids[0, positions + 1]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return log_probs
+    with torch.no_grad():
+        entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    return log_probs, entropy
 
 
 def policy_loss_config(clip_ratio: float, *, total_tokens: int, total_rows: int) -> Any:

@@ -33,14 +33,8 @@ from agemem.reward.score import score_episode
 from agemem.settings import Settings
 from agemem.tracking.runs import log_metrics
 from agemem.train import checkpoint as ckpt
-from agemem.train.models import (
-    RANDOM_WEIGHTS_NOTE,
-    base_model_lines,
-    is_tiny,
-    load_policy_model,
-    load_tokenizer,
-    resolve_device,
-)
+from agemem.train.alarms import CollapseMonitor
+from agemem.train.models import load_policy_model, load_tokenizer, model_card_lines, resolve_device
 from agemem.train.metrics import step_metrics, trajectory_metrics
 from agemem.train.run import TrainResult, config_hash
 from agemem.train.token_server import LocalTokenServer
@@ -99,6 +93,28 @@ def wrap_lora(model: Any, settings: Settings) -> Any:
     return get_peft_model(model, config)
 
 
+@dataclass
+class TrainablePolicy:
+    """The policy being trained: tokenizer, model (LoRA-wrapped when ``lora``) and, for a full
+    fine-tune with a KL term, a frozen reference copy (with LoRA the reference is the adapter-free base)."""
+
+    tokenizer: Any
+    model: Any
+    ref: Any | None
+    lora: bool
+
+
+def trainable_policy(settings: Settings, device: str, *, reference: bool) -> TrainablePolicy:
+    """``train.model`` on ``device``, LoRA-wrapped when ``train.lora_rank > 0`` (GRPO and warm start)."""
+    tokenizer = load_tokenizer(settings)
+    base = load_policy_model(settings, tokenizer, device=device)
+    if settings.train.lora_rank > 0:
+        return TrainablePolicy(tokenizer, wrap_lora(base, settings), None, True)
+    # Without adapters the reference must be a frozen copy of the initial weights.
+    ref = copy.deepcopy(base).eval().requires_grad_(False) if reference else None
+    return TrainablePolicy(tokenizer, base, ref, False)
+
+
 class LocalTrainer:
     """Holds the model, optimiser, engine and token server for one training run."""
 
@@ -111,17 +127,8 @@ class LocalTrainer:
         torch.set_num_threads(settings.train.torch_threads)
         self.device = resolve_device(settings.train.device)
         self.root = output_root(settings)
-        self.tokenizer = load_tokenizer(settings)
-        base = load_policy_model(settings, self.tokenizer, device=self.device)
-        self.lora = settings.train.lora_rank > 0
-        self.ref_model = None
-        if self.lora:
-            self.model = wrap_lora(base, settings)
-        else:
-            self.model = base
-            if settings.train.kl_coef > 0:
-                # Without adapters the reference must be a frozen copy of the initial weights.
-                self.ref_model = copy.deepcopy(base).eval().requires_grad_(False)
+        policy = trainable_policy(settings, self.device, reference=settings.train.kl_coef > 0)
+        self.tokenizer, self.model, self.ref_model, self.lora = policy.tokenizer, policy.model, policy.ref, policy.lora
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.failed: list[dict[str, Any]] = []
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.train.lr)
@@ -172,13 +179,11 @@ class LocalTrainer:
         return self.model.disable_adapter() if self.lora else nullcontext()
 
     def update(self, rollouts: list[Rollout]) -> dict[str, float]:
-        import torch
-
+        """One GRPO update on the step's rollouts: step-wise advantages, verl's clipped loss + KL."""
         # grpo wraps verl's core_algos; imported here so importing this module (the CLI, flows,
         # evaluation) does not pay verl's import.
         from agemem.train import grpo
 
-        t = self.settings.train
         advantages = grpo.trajectory_advantages([r.reward for r in rollouts], [r.group for r in rollouts])
         items = [
             grpo.segment_item(seg.prompt_ids, seg.response_ids, seg.response_mask,
@@ -194,38 +199,64 @@ class LocalTrainer:
             logger.warning("no model tokens in this batch; skipping the update")
             return metrics
         self.model.train()
-        if t.kl_coef > 0:
-            with torch.no_grad(), self._ref_context():
-                ref = self.ref_model if self.ref_model is not None else self.model
-                for it in items:
-                    it.ref_log_probs = grpo.token_log_probs(ref, it, device=self.device)
+        self._reference_log_probs(items)
+        metrics.update(self._optimise(items, total_tokens))
+        return metrics
+
+    def _reference_log_probs(self, items: list[Any]) -> None:
+        import torch
+
+        from agemem.train import grpo
+
+        if self.settings.train.kl_coef <= 0:
+            return
+        with torch.no_grad(), self._ref_context():
+            ref = self.ref_model if self.ref_model is not None else self.model
+            for it in items:
+                it.ref_log_probs = grpo.token_log_probs(ref, it, device=self.device)
+
+    def _optimise(self, items: list[Any], total_tokens: int) -> dict[str, float]:
+        """``train.ppo_epochs`` optimiser steps over ``items``; a non-finite gradient skips its step."""
+        import torch
+
+        from agemem.train import grpo
+
+        t = self.settings.train
         config = grpo.policy_loss_config(t.clip_ratio, total_tokens=total_tokens, total_rows=len(items))
         sums: dict[str, float] = {}
+        metrics: dict[str, float] = {}
+        entropy_sum = 0.0
         for epoch in range(t.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             loss_total = 0.0
             for it in items:
-                log_probs = grpo.token_log_probs(self.model, it, device=self.device)
                 if epoch == 0:
+                    log_probs, entropy = grpo.token_log_probs(self.model, it, device=self.device, with_entropy=True)
                     # One optimiser step per epoch: before it, the current policy IS the old policy.
                     it.old_log_probs = log_probs.detach()
+                    entropy_sum += float(entropy.sum())
+                else:
+                    log_probs = grpo.token_log_probs(self.model, it, device=self.device)
                 loss, m = grpo.segment_loss(log_probs, it, config=config, kl_coef=t.kl_coef, kl_loss_type=t.kl_loss_type)
                 loss.backward()
                 loss_total += float(loss.detach())
-                weight = it.num_tokens / total_tokens
                 for key, value in m.items():
-                    if key not in ("pg_loss", "kl_loss"):
-                        sums[key] = sums.get(key, 0.0) + value * weight
-                    else:
-                        sums[key] = sums.get(key, 0.0) + value  # already scaled to the batch token-mean
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-            self.optimizer.step()
+                    # pg_loss / kl_loss are already scaled to the batch token-mean; the rest are per segment.
+                    sums[key] = sums.get(key, 0.0) + (value if key in ("pg_loss", "kl_loss")
+                                                      else value * it.num_tokens / total_tokens)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip))
+            if math.isfinite(grad_norm) and math.isfinite(loss_total):
+                self.optimizer.step()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics["train/skipped_updates"] = metrics.get("train/skipped_updates", 0.0) + 1
+                logger.warning("step %d: non-finite loss %s / gradient norm %s: this update is skipped",
+                               self.state.step + 1, loss_total, grad_norm)
             metrics["train/loss"] = loss_total
-            metrics["train/grad_norm"] = float(grad_norm)
+            metrics["train/grad_norm"] = grad_norm
         for key, value in sums.items():
             metrics[f"train/{key}"] = value / t.ppo_epochs
-        if not math.isfinite(metrics["train/loss"]):
-            raise FloatingPointError(f"non-finite loss {metrics['train/loss']} at step {self.state.step + 1}")
+        metrics["train/entropy"] = entropy_sum / total_tokens
         return metrics
 
     # -- one step / the run -------------------------------------------------------------------
@@ -239,44 +270,59 @@ class LocalTrainer:
         out["episode/segments"] = float(statistics.fmean(len(r.result.segments) for r in rollouts))
         return out
 
+    async def step(self, engine: EpisodeEngine, step: int) -> dict[str, float]:
+        """Rollouts, metrics and one update for ``step`` (1-based)."""
+        t = self.settings.train
+        started = time.perf_counter()
+        self.server.stats.reset()
+        idx = batch_indices(len(self.episodes), step - 1, t.tasks_per_batch, t.seed)
+        rollouts = await self.rollouts(engine, [self.episodes[i] for i in idx], step)
+        rollout_s = time.perf_counter() - started
+        gen_s = self.server.stats.seconds
+        metrics = {"step": float(step), **self.rollout_metrics(rollouts), "rollouts/failed": float(len(self.failed)),
+                   "time/rollout_s": rollout_s, "time/generate_s": gen_s,
+                   "time/engine_overhead_share": max(0.0, rollout_s - gen_s) / rollout_s if rollout_s else 0.0}
+        t0 = time.perf_counter()
+        metrics.update(self.update(rollouts))
+        metrics["time/update_s"] = time.perf_counter() - t0
+        metrics["time/step_s"] = time.perf_counter() - started
+        return metrics
+
     async def run(self) -> TrainResult:
         t = self.settings.train
         engine = EpisodeEngine.from_settings(self.settings, tokenizer=self.tokenizer)
+        monitor = CollapseMonitor.from_settings(t)
         try:
             while self.state.step < t.total_steps:
                 step = self.state.step + 1
-                started = time.perf_counter()
-                self.server.stats.reset()
-                idx = batch_indices(len(self.episodes), step - 1, t.tasks_per_batch, t.seed)
-                rollouts = await self.rollouts(engine, [self.episodes[i] for i in idx], step)
-                rollout_s = time.perf_counter() - started
-                metrics = {"step": float(step), **self.rollout_metrics(rollouts),
-                           "rollouts/failed": float(len(self.failed))}
-                gen_s = self.server.stats.seconds
-                metrics.update({"time/rollout_s": rollout_s, "time/generate_s": gen_s,
-                                "time/engine_overhead_share": max(0.0, rollout_s - gen_s) / rollout_s if rollout_s else 0.0})
-                t0 = time.perf_counter()
-                metrics.update(self.update(rollouts))
-                metrics["time/update_s"] = time.perf_counter() - t0
-                metrics["time/step_s"] = time.perf_counter() - started
+                metrics = await self.step(engine, step)
+                alarms = monitor.check(metrics)
+                metrics["alarms/count"] = float(len(alarms))
+                for alarm in alarms:
+                    logger.warning("step %d: collapse alarm: %s", step, alarm)
+                if alarms and t.stop_on_collapse:
+                    last = ckpt.latest_checkpoint(self.root)
+                    logger.warning("train.stop_on_collapse: stopping at step %d; the last good checkpoint is %s",
+                                   step, last)
+                    self.log_mlflow(metrics, step)
+                    break
                 self.state.step = step
                 self.state.history.append(metrics)
                 if step % t.save_every == 0 or step == t.total_steps:
                     self.save(final=step == t.total_steps)
                 self.append_metrics(metrics)
                 self.log_mlflow(metrics, step)
-                logger.info("step %d/%d reward %.3f±%.3f loss %.4f (%.1fs)", step, t.total_steps,
-                            metrics["reward/mean"], metrics["reward/std"], metrics.get("train/loss", float("nan")),
-                            metrics["time/step_s"])
+                logger.info("step %d/%d reward %.3f±%.3f loss %.4f entropy %.3f tool calls %.2f (%.1fs)", step,
+                            t.total_steps, metrics["reward/mean"], metrics["reward/std"],
+                            metrics.get("train/loss", float("nan")), metrics.get("train/entropy", float("nan")),
+                            metrics.get("episode/tool_call_count", 0.0), metrics["time/step_s"])
         finally:
             await engine.aclose()
         return self.result()
 
     def save(self, *, final: bool) -> Path:
         card = [f"# agemem local GRPO checkpoint, step {self.state.step}", "",
-                *base_model_lines(self.settings.train.model), f"- LoRA rank: {self.settings.train.lora_rank}"]
-        if is_tiny(self.settings.train.model):
-            card += ["", f"**{RANDOM_WEIGHTS_NOTE}**"]
+                *model_card_lines(self.settings.train.model), f"- LoRA rank: {self.settings.train.lora_rank}"]
         last = self.state.history[-1] if self.state.history else {}
         card += ["", "Last step metrics:", "```json", json.dumps(last, indent=2), "```", ""]
         return ckpt.save_checkpoint(self.root, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,

@@ -163,11 +163,29 @@ def base_model_lines(model: str) -> list[str]:
     return lines
 
 
+def is_random_weights(model: str | Path) -> bool:
+    """Whether ``model`` started from random weights: the tiny model by name, or any saved model whose
+    config carries the flag (checkpoints and warm starts of the tiny model keep it)."""
+    if is_tiny(str(model)):
+        return True
+    config = Path(model).expanduser() / "config.json"
+    try:
+        return bool(json.loads(config.read_text()).get("agemem_random_weights")) if config.is_file() else False
+    except (OSError, ValueError):
+        return False
+
+
+def model_card_lines(model: str) -> list[str]:
+    """Model-card lines naming the base model, with the random-weights label when it applies."""
+    lines = base_model_lines(model)
+    if is_random_weights(model):
+        lines += ["", f"**{RANDOM_WEIGHTS_NOTE}**"]
+    return lines
+
+
 def write_model_card(directory: Path, settings: Settings, *, step: int, extra: dict[str, Any] | None = None) -> None:
     """A README.md beside a saved checkpoint, labelling random weights clearly."""
-    lines = [f"# agemem checkpoint (step {step})", "", *base_model_lines(settings.train.model)]
-    if is_tiny(settings.train.model):
-        lines += ["", f"**{RANDOM_WEIGHTS_NOTE}**"]
+    lines = [f"# agemem checkpoint (step {step})", "", *model_card_lines(settings.train.model)]
     lines += ["", "```json", json.dumps(extra or {}, indent=2, default=str), "```", ""]
     (directory / "README.md").write_text("\n".join(lines))
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from agemem.settings import Settings
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 NOT_SHAPING_TRAINING = frozenset({
     "total_steps", "total_epochs", "save_every", "keep_checkpoints", "output_dir", "torch_threads", "device",
     "experiment_name", "ray_address", "backend",
+    "collapse_entropy_min", "collapse_grad_norm_max", "collapse_patience", "stop_on_collapse",
 })
 #: Other sections' fields that shape rollouts and rewards during training.
 SHAPING_FIELDS: dict[str, tuple[str, ...]] = {
@@ -32,6 +33,8 @@ SHAPING_FIELDS: dict[str, tuple[str, ...]] = {
     "memory": ("embedding_model", "default_top_k", "max_top_k"),
 }
 _HASH_VERSION = 1
+#: The warm start's report (teacher, kept trajectories, SFT loss) beside its model directory.
+WARM_START_REPORT = "warm_start.json"
 
 
 @dataclass
@@ -93,13 +96,36 @@ def config_hash(settings: "Settings") -> str:
 
 def inputs_hash(settings: "Settings") -> str:
     """The configuration plus how long it trains: the key of a finished training result."""
+    warm = warm_start_hash(settings) if settings.warm_start.enabled else None
     text = json.dumps({"config": config_hash(settings), "total_steps": settings.train.total_steps,
-                       "total_epochs": settings.train.total_epochs}, sort_keys=True)
+                       "total_epochs": settings.train.total_epochs, "warm_start": warm}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run(settings: "Settings", episodes_path: Path, *, mlflow_run_id: str | None = None) -> TrainResult:
-    """Train (or resume) with ``train.backend`` on the train split of ``episodes_path``."""
+def warm_start_hash(settings: "Settings") -> str:
+    """16 hex digits naming a warm-start configuration (the policy's base configuration plus the warm_start section)."""
+    text = json.dumps({"config": config_hash(settings), "warm_start": settings.model_dump(mode="json")["warm_start"]},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+Algo = Literal["grpo", "sft"]
+
+
+def run(settings: "Settings", episodes_path: Path, *, algo: Algo = "grpo",
+        mlflow_run_id: str | None = None) -> TrainResult:
+    """Train (or resume) on the train split of ``episodes_path``.
+
+    ``algo="sft"``: only the teacher warm start. ``"grpo"``: GRPO with ``train.backend``, after the
+    warm start when ``warm_start.enabled`` (GRPO then starts from the warm-started model).
+    """
+    if algo == "sft" or settings.warm_start.enabled:
+        from agemem.train.sft import after_warm_start, warm_start  # torch: only when training locally
+
+        warm = warm_start(settings, Path(episodes_path))
+        if algo == "sft":
+            return warm
+        settings = after_warm_start(settings, warm)
     if settings.train.backend == "verl":
         from agemem.train.verl.launch import train_verl
 
@@ -110,4 +136,4 @@ def run(settings: "Settings", episodes_path: Path, *, mlflow_run_id: str | None 
     return train_local(settings, Path(episodes_path), mlflow_run_id=mlflow_run_id)
 
 
-__all__ = ["NOT_SHAPING_TRAINING", "TrainResult", "config_hash", "inputs_hash", "run"]
+__all__ = ["NOT_SHAPING_TRAINING", "WARM_START_REPORT", "Algo", "TrainResult", "config_hash", "inputs_hash", "run", "warm_start_hash"]
