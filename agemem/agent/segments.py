@@ -33,6 +33,9 @@ class Segment:
     response_ids: list[int] = field(default_factory=list)
     response_mask: list[int] = field(default_factory=list)
     response_logprobs: list[float] | None = field(default_factory=list)
+    #: The same turns as chat messages: the context when the segment opened, then every later turn
+    #: (what a chat-format SFT export, e.g. verl's multi-turn SFT dataset, trains on).
+    messages: list[Message] = field(default_factory=list)
 
     def extend(self, ids: list[int], mask: int, logprobs: list[float] | None = None) -> None:
         self.response_ids.extend(ids)
@@ -124,8 +127,9 @@ class SegmentRecorder:
         """
         if self.opens_segment:
             self.close()
-            self.current = Segment(self.tokenizer.prompt_ids(ctx.messages()), reason=self.dirty_reason or "start",
-                                   stage=stage)
+            messages = ctx.messages()
+            self.current = Segment(self.tokenizer.prompt_ids(messages), reason=self.dirty_reason or "start",
+                                   stage=stage, messages=[dict(m) for m in messages])
             self.dirty_reason = None
             injected = self.pending_tokens()
         else:
@@ -133,6 +137,7 @@ class SegmentRecorder:
             delta = self._delta if self._delta is not None else self.tokenizer.delta_ids(
                 self.pending, last_response_ids=self.current.response_ids)
             self.current.extend(delta, 0)
+            self.current.messages.extend(dict(m) for m in self.pending)
             injected = len(delta)
         self._delta = None
         self.pending = []
@@ -148,6 +153,11 @@ class SegmentRecorder:
             if key in generation.extra_fields and (keep == "last" or key not in self.generation_fields):
                 self.generation_fields[key] = generation.extra_fields[key]
         return ids
+
+    def model_turn(self, text: str) -> None:
+        """The decoded model turn just recorded, as the segment's next chat message."""
+        if self.current is not None:
+            self.current.messages.append({"role": "assistant", "content": text})
 
     def close(self) -> None:
         if self.current is not None and self.current.response_ids:

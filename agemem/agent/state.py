@@ -35,6 +35,8 @@ class EpisodeState:
         self.ctx.append(role, content, kind, stage=self.stage, round_id=self.round_id if kind != "stage" else -1)
         if role != "assistant":
             self.recorder.injected(role, content)
+        else:
+            self.recorder.model_turn(content)
         self.transcript.append(
             {"stage": self.stage, "round": self.stage_round, "role": role, "kind": kind, "content": content}
         )

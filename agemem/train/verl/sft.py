@@ -1,0 +1,79 @@
+"""The warm start on GPUs: kept teacher trajectories as verl multi-turn SFT data, trained by verl's SFT trainer.
+
+Each segment of a kept teacher trajectory becomes one conversation row (``messages``: the context
+when the segment opened, then every later turn; tool results are ``tool`` messages, tool calls
+are the ``<tool_call>`` text of the assistant turns, the project's text protocol). verl's
+``MultiTurnSFTDataset`` puts loss on every assistant message of a row. One difference from the
+local warm start: in a segment opened by a context rewrite, the assistant turns that survive in
+its prompt are trained again (the local trainer trains each model turn once).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def sft_rows(trajectories: Sequence[Any]) -> list[dict[str, Any]]:
+    """One ``{"messages": [...]}`` row per segment (with at least one assistant turn) of ``trajectories``."""
+    rows = []
+    for trajectory in trajectories:
+        for seg in trajectory.result.segments:
+            if any(m["role"] == "assistant" for m in seg.messages):
+                rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in seg.messages],
+                             "episode_id": trajectory.script.episode_id})
+    return rows
+
+
+def write_sft_parquet(trajectories: Sequence[Any], path: Path) -> Path:
+    """The rows of :func:`sft_rows` as a parquet file verl's multi-turn SFT dataset reads (atomically)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sft_rows(trajectories)
+    if not rows:
+        raise ValueError("no teacher segment with an assistant turn to export")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    tmp.replace(path)
+    logger.info("wrote %d verl SFT rows to %s", len(rows), path)
+    return path
+
+
+def sft_overrides(settings: Any, train_file: Path, model_path: str, output_dir: Path) -> list[str]:
+    """Hydra overrides of verl's ``sft_trainer_engine`` config for the warm start."""
+    t, w = settings.train, settings.warm_start
+    out = [
+        f"data.train_files={Path(train_file).resolve()}",
+        "data.messages_key=messages",
+        f"data.max_length={settings.episode.max_context_tokens + settings.episode.max_turn_tokens}",
+        "data.truncation=left",
+        f"model.path={model_path}",
+        f"optim.lr={w.lr}",
+        f"trainer.total_epochs={w.epochs}",
+        f"trainer.default_local_dir={Path(output_dir).resolve()}",
+        f"trainer.n_gpus_per_node={t.n_gpus_per_node}",
+        f"trainer.nnodes={t.nnodes}",
+        f"trainer.seed={t.seed}",
+        "trainer.logger=[console]",
+        "checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+    ]
+    if t.lora_rank > 0:
+        out += [f"model.lora_rank={t.lora_rank}", f"model.lora_alpha={t.lora_alpha}",
+                f"model.target_modules={t.lora_target_modules}"]
+    return out
+
+
+def sft_command(overrides: list[str], *, nproc_per_node: int) -> list[str]:
+    """``torchrun -m verl.trainer.sft_trainer`` with ``overrides`` (verl's SFT entry point)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            "-m", "verl.trainer.sft_trainer", *overrides]
+
+
+__all__ = ["sft_command", "sft_overrides", "sft_rows", "write_sft_parquet"]
