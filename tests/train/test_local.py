@@ -96,3 +96,20 @@ def test_cli_smoke_profile_trains_two_steps_on_cpu(runs_dir: Path, episodes_file
     settings = load_settings("smoke", {"runs_dir": str(runs_dir)})
     latest = latest_checkpoint(output_root(settings))
     assert latest is not None and latest.name == "step_000002"
+
+
+def test_training_signals_reach_mlflow_every_step(tiny_train_settings: Settings, episodes_file: Path) -> None:
+    """The metrics users of multi-turn RL watch first, per step, in the run the trainer is handed."""
+    from agemem import tracking
+
+    client = tracking.configure(tiny_train_settings)
+    experiment = client.get_experiment_by_name(tiny_train_settings.tracking.experiment)
+    run_id = client.create_run(experiment.experiment_id, run_name="train").info.run_id
+    train_local(tiny_train_settings, episodes_file, mlflow_run_id=run_id)
+    logged = client.get_run(run_id).data.metrics
+    expected = ["reward/mean", "reward/task", "reward/context", "reward/memory", "reward/penalty_no_answer",
+                "tools/Add_memory", "tools/Retrieve_memory", "tools/any_call_rate", "episode/parse_failure_rate",
+                "episode/answered_rate", "episode/response_tokens", "train/entropy", "train/kl_loss",
+                "train/grad_norm", "time/step_s", "alarms/count"]
+    assert [k for k in expected if k not in logged] == []
+    assert len(client.get_metric_history(run_id, "train/entropy")) == tiny_train_settings.train.total_steps
