@@ -74,7 +74,8 @@ class RolloutMetricsReplayBuffer(ReplayBuffer):
         if partition_id != "train" or not batch.keys:
             return batch, metrics
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
-        fields = [_plain(f) or {} for f in data["extra_fields"].tolist()]
+        # A tensordict LinkedList, a NonTensorStack or an array depending on the backend: list() takes all.
+        fields = [_plain(f) or {} for f in list(data["extra_fields"])]
         metrics = {**metrics, **segment_rollout_metrics(batch.keys, fields)}
         logger.info("step %d: %d rollout metrics from %d rows", global_steps, len(metrics), len(batch.keys))
         return batch, metrics
