@@ -203,3 +203,19 @@ def test_ray_workers_rebuild_the_drivers_settings_from_the_runtime_env(
         mine, theirs = getattr(driver, section), getattr(worker, section)
         assert mine.model_dump(exclude={"api_key", "server_url"}) == theirs.model_dump(exclude={"api_key", "server_url"})
     assert worker.memory.server_url == "http://127.0.0.1:9" and worker.profile == "paper"
+
+
+def test_model_resolution_local_path_hub_name_and_cluster(runs_dir: Path, tmp_path: Path) -> None:
+    from agemem.train.verl.launch import resolve_model
+
+    local = tmp_path / "my-model"
+    local.mkdir()
+    settings = load_settings("paper", {"runs_dir": str(runs_dir), "train": {"model": str(local)}})
+    assert resolve_model(settings, download=True) == (str(local.resolve()), True)
+    hub = load_settings("paper", {"runs_dir": str(runs_dir)})
+    assert resolve_model(hub, download=False) == (None, False)  # dry run: nothing downloaded
+    cluster = load_settings("paper", {"runs_dir": str(runs_dir), "train": {"ray_address": "http://head:8265"}})
+    assert resolve_model(cluster, download=True) == (None, False)  # every node fetches (or shares HF_HOME)
+    tiny = load_settings("smoke", {"runs_dir": str(runs_dir), "train": {"tiny_hidden_size": 16, "tiny_num_layers": 1}})
+    path, is_local = resolve_model(tiny, download=True)
+    assert is_local and (Path(path) / "config.json").is_file()
