@@ -219,3 +219,28 @@ def test_model_resolution_local_path_hub_name_and_cluster(runs_dir: Path, tmp_pa
     tiny = load_settings("smoke", {"runs_dir": str(runs_dir), "train": {"tiny_hidden_size": 16, "tiny_num_layers": 1}})
     path, is_local = resolve_model(tiny, download=True)
     assert is_local and (Path(path) / "config.json").is_file()
+
+
+def test_verls_overlong_filter_counts_the_tool_schemas_once(runs_dir: Path, tmp_path: Path,
+                                                            train_scripts: list) -> None:
+    """verl's RLHFDataset keeps a row whose prompt (system prompt with the schemas + first message) fits
+    exactly; with a tool config it would add the schemas again through the chat template and drop it."""
+    from transformers import AutoTokenizer
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from agemem.agent.prompts import episode_system_prompt
+    from agemem.assets import TOKENIZER_DIR
+    from agemem.train.verl.rows import write_verl_parquet
+
+    settings = load_settings("smoke", {"runs_dir": str(runs_dir)})
+    cfg = verl_config.compose(verl_config.build_overrides(settings, plan_paths(settings)))
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    path = write_verl_parquet(train_scripts[:1], tmp_path / "train.parquet",
+                              system_prompt=episode_system_prompt(settings.episode))
+    row = __import__("pyarrow.parquet", fromlist=["x"]).read_table(path).to_pylist()[0]
+    from agemem.agent.context import ChatTokenizer
+
+    exact = len(ChatTokenizer(tokenizer).prompt_ids(row["prompt"]))  # what the engine's first turn sees
+    cfg.data.max_prompt_length = exact
+    kept = RLHFDataset(data_files=[str(path)], tokenizer=tokenizer, config=cfg.data, processor=None)
+    assert kept.tool_schemas is None and len(kept) == 1
