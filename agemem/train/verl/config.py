@@ -70,6 +70,7 @@ class VerlBudget:
 
 
 def budget(settings: Settings) -> VerlBudget:
+    """The run's lengths (derived from the context budget unless set) and its mini-batch shape."""
     t = settings.train
     return VerlBudget(
         prompt_length=t.max_prompt_length,
