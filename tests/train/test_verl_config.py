@@ -169,15 +169,18 @@ def test_cli_dry_run_paper_prints_composed_overrides(runs_dir: Path, monkeypatch
 
 
 def test_offline_flags_only_for_a_local_model_and_no_secret_in_the_runtime_env(runs_dir: Path) -> None:
-    settings = load_settings("smoke", {"runs_dir": str(runs_dir), "memory": {"server_token": "tok-secret"}})
+    settings = load_settings("smoke", {"runs_dir": str(runs_dir), "memory": {"server_token": "tok-secret"},
+                                       "judge": {"api_key": "judge-secret"}})
     local = verl_config.ray_runtime_env(settings, memory_server_url="http://x:1", mlflow_run_id=None,
                                         model_is_local=True)["env_vars"]
     hub = verl_config.ray_runtime_env(settings, memory_server_url="http://x:1", mlflow_run_id=None)["env_vars"]
     assert local["HF_HUB_OFFLINE"] == "1" and "HF_HUB_OFFLINE" not in hub
     overrides = verl_config.build_overrides(settings, plan_paths(settings)) + verl_config.runtime_env_overrides(
         {"env_vars": local})
-    assert "tok-secret" not in str(local) + " ".join(overrides)  # verl prints these, MLflow logs them
-    assert verl_config.secret_env(settings) == {"AGEMEM_MEMORY__SERVER_TOKEN": "tok-secret"}
+    shown = str(local) + " ".join(overrides)  # verl prints these, MLflow logs them
+    assert "tok-secret" not in shown and "judge-secret" not in shown
+    secrets = verl_config.secret_env(settings)  # for the launching process's env (local Ray inherits it)
+    assert secrets["AGEMEM_MEMORY__SERVER_TOKEN"] == "tok-secret" and secrets["AGEMEM_JUDGE__API_KEY"] == "judge-secret"
 
 
 def test_ray_workers_rebuild_the_drivers_settings_from_the_runtime_env(

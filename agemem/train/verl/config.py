@@ -361,10 +361,15 @@ def ray_runtime_env(settings: Settings, *, memory_server_url: str | None, mlflow
 
 
 def secret_env(settings: Settings) -> dict[str, str]:
-    """Secrets the workers need, for the launching process's own environment (inherited by local Ray)."""
-    if settings.memory.server_token is None:
-        return {}
-    return {f"{ENV_PREFIX}MEMORY__SERVER_TOKEN": settings.memory.server_token.get_secret_value()}
+    """Secrets the workers need, for the launching process's own environment (inherited by local Ray):
+    also those read from ``.env`` or ``--set``, which the workers' own environment would lack."""
+    secrets = {
+        f"{ENV_PREFIX}MEMORY__SERVER_TOKEN": settings.memory.server_token,
+        f"{ENV_PREFIX}LLM__API_KEY": settings.llm.api_key,
+        f"{ENV_PREFIX}JUDGE__API_KEY": settings.judge.api_key,
+        "DASHSCOPE_API_KEY": settings.dashscope_api_key,
+    }
+    return {key: value.get_secret_value() for key, value in secrets.items() if value is not None}
 
 
 def runtime_env_overrides(runtime_env: dict[str, Any]) -> list[str]:
