@@ -250,7 +250,13 @@ class TrainSettings(_Section):
     seed: int = Field(42, description="Seed of the batch order, initialisation and sampling.")
     # -- lengths ----------------------------------------------------------------------------------
     max_prompt_length: int = Field(8192, ge=16, description="verl data.max_prompt_length: a segment's prompt.")
-    max_response_length: int = Field(2048, ge=16, description="verl data.max_response_length: a segment's response.")
+    max_response_length: int | None = Field(
+        None,
+        ge=16,
+        description="verl data.max_response_length: the budget of one segment's response, which spans many turns "
+        "and injected messages. None = derived: episode.max_context_tokens + episode.max_turn_tokens (a segment "
+        "never holds more); a smaller value is refused, since verl would cut answers the reward still scores.",
+    )
     # -- collapse alarms --------------------------------------------------------------------------
     collapse_entropy_min: float = Field(
         0.05, ge=0, description="Alarm when the policy's mean token entropy (nats) falls below this."
@@ -267,7 +273,10 @@ class TrainSettings(_Section):
     # -- checkpoints ------------------------------------------------------------------------------
     output_dir: Path = Field(Path("runs/checkpoints"), description="Checkpoints (local: one folder per config).")
     save_every: int = Field(1, ge=1, description="Steps between checkpoints (the last step is always saved).")
-    keep_checkpoints: int = Field(3, ge=0, description="Local trainer: newest step checkpoints kept (0 = all).")
+    keep_checkpoints: int = Field(
+        3, ge=0, description="Newest step checkpoints kept, local trainer and verl (trainer.max_actor_ckpt_to_keep; "
+        "a 7B verl checkpoint is tens of GB); 0 = all."
+    )
     # -- local trainer ----------------------------------------------------------------------------
     device: str = Field("auto", description="Local trainer device: 'auto' (cuda if available), 'cpu', 'cuda:0'.")
     torch_threads: int = Field(1, ge=1, description="CPU threads (1 measured fastest on 2-core machines).")
@@ -278,12 +287,25 @@ class TrainSettings(_Section):
     rollout_engine: Literal["vllm", "sglang"] = Field("vllm", description="verl rollout engine (GPU only).")
     rollout_tp: int = Field(1, ge=1, description="verl rollout tensor-parallel size.")
     gpu_memory_utilization: float = Field(0.6, gt=0, le=1, description="vLLM/SGLang KV-cache share.")
-    ppo_max_token_len_per_gpu: int = Field(16384, ge=256, description="verl dynamic-batch token budget.")
-    agent_workers: int = Field(8, ge=1, description="verl agent-loop workers (Ray actors).")
-    max_parallel_calls: int = Field(8, ge=1, description="verl multi_turn.max_parallel_calls (default 1).")
-    max_tool_response_length: int = Field(
-        8192, ge=256, description="verl multi_turn.max_tool_response_length in characters (default 256)."
+    ppo_max_token_len_per_gpu: int | None = Field(
+        None,
+        ge=256,
+        description="verl dynamic-batch token budget of the actor update and of both log-prob passes (verl asserts "
+        "it holds the longest sequence). None = derived: max_prompt_length + the segment response budget.",
     )
+    ppo_mini_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="verl actor.ppo_mini_batch_size in prompts (x rollouts_per_prompt rows per optimizer update). "
+        "verl splits a step's rows, one per segment and shuffled across groups, into mini-batches of that many "
+        "rows: about segments-per-trajectory x tasks_per_batch / this updates per step. None = tasks_per_batch.",
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto",
+        description="verl actor/ref attention (model.override_config.attn_implementation). 'auto': "
+        "flash_attention_2 when flash-attn is installed (verl's default), else sdpa.",
+    )
+    agent_workers: int = Field(8, ge=1, description="verl agent-loop workers (Ray actors).")
     experiment_name: str = Field("agemem-grpo", description="verl trainer.experiment_name / local run label.")
     extra_overrides: list[str] = Field(
         default_factory=list, description="Extra verl Hydra overrides ('key=value'); they win over ours."
@@ -381,7 +403,6 @@ PROFILES: dict[str, dict[str, Any]] = {
             "lora_rank": 0,
             "lora_alpha": 16,
             "max_prompt_length": 4096,
-            "max_response_length": 256,
             "n_gpus_per_node": 0,
         },
         "warm_start": {"enabled": True, "style": "compact", "epochs": 8, "lr": 3e-3, "batch_segments": 1},
@@ -409,7 +430,6 @@ PROFILES: dict[str, dict[str, Any]] = {
             "lora_alpha": 32,
             "kl_coef": 0.1,
             "max_prompt_length": 8192,
-            "max_response_length": 2048,
             "n_gpus_per_node": 8,
             "save_every": 20,
         },
@@ -485,7 +505,31 @@ class Settings(BaseSettings):
                 f"train.max_prompt_length ({self.train.max_prompt_length}) must be at least "
                 f"episode.max_context_tokens ({self.episode.max_context_tokens}): a segment's prompt is the context"
             )
+        segment = self.episode.max_context_tokens + self.episode.max_turn_tokens
+        if self.train.max_response_length is not None and self.train.max_response_length < segment:
+            raise ValueError(
+                f"train.max_response_length ({self.train.max_response_length}) must be at least "
+                f"episode.max_context_tokens + episode.max_turn_tokens ({segment}): a segment's response can hold "
+                "the whole context plus a turn, and verl would cut it (leave it unset to derive it)"
+            )
+        sequence = self.train.max_prompt_length + self.response_budget
+        if self.train.ppo_max_token_len_per_gpu is not None and self.train.ppo_max_token_len_per_gpu < sequence:
+            raise ValueError(
+                f"train.ppo_max_token_len_per_gpu ({self.train.ppo_max_token_len_per_gpu}) must be at least "
+                f"max_prompt_length + the response budget ({sequence}): verl asserts a token budget holds the longest "
+                "sequence (leave it unset to derive it)"
+            )
         return self
+
+    @property
+    def response_budget(self) -> int:
+        """verl's ``data.max_response_length``: ``train.max_response_length``, else the longest segment."""
+        return self.train.max_response_length or self.episode.max_context_tokens + self.episode.max_turn_tokens
+
+    @property
+    def token_budget(self) -> int:
+        """verl's per-GPU token budget (actor update, rollout and reference log-probs)."""
+        return self.train.ppo_max_token_len_per_gpu or self.train.max_prompt_length + self.response_budget
 
     @classmethod
     def settings_customise_sources(

@@ -18,7 +18,8 @@ def test_profiles_carry_the_reference_values() -> None:
     assert paper.data.distractor_messages == 3
     assert paper.episode.stage1_max_rounds == paper.episode.stage2_max_rounds == paper.episode.stage3_max_rounds == 5
     assert (paper.episode.temperature, paper.episode.max_context_tokens) == (0.6, 8192)
-    assert paper.train.max_response_length == 2048
+    assert paper.episode.max_turn_tokens == 2048 and paper.train.max_response_length is None
+    assert paper.response_budget == 8192 + 2048  # a segment holds the context plus a turn
     assert paper.train.n_gpus_per_node == 8
     smoke = load_settings("smoke")
     assert smoke.data.source == "sample" and smoke.train.backend == "local" and smoke.train.n_gpus_per_node == 0

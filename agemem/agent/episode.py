@@ -458,7 +458,20 @@ class EpisodeEngine:
         mq = await self.judge.memory_quality_report([m["content"] for m in stats.memories_final], gold)
         stats.memory_quality, stats.memory_quality_source = mq.score, mq.source
         stats.memory_quality_fallback = mq.fallback
+        await self._grade_memory_use(state, written)
         stats.judge_s = time.perf_counter() - t0
+
+    async def _grade_memory_use(self, state: EpisodeState, written: list[str]) -> None:
+        """R_storage over what the agent stored, R_relevance over what stage 3 retrieved (the judge)."""
+        stats, script = state.stats, state.script
+        retrieved = [str(m.get("content", "")) for e in stats.events if e.ok and e.name == T.RETRIEVE and e.stage == 3
+                     for m in (e.data.get("memories") or [])]
+        answer = script.gold_answer
+        storage = await self.judge.storage_quality(written, script.question, answer, script.supporting_sentences)
+        relevance = await self.judge.retrieval_relevance(retrieved, script.question, answer,
+                                                         script.supporting_sentences)
+        stats.storage_quality, stats.storage_quality_source = storage.score, storage.source
+        stats.retrieval_relevance, stats.retrieval_relevance_source = relevance.score, relevance.source
 
 
 __all__ = ["Closer", "EpisodeEngine", "EpisodeResult", "Segment"]

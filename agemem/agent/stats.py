@@ -68,6 +68,10 @@ class EpisodeStats(BaseModel):
     storage_recall: float | None = Field(None, description="Gold facts covered by stored memory (event log).")
     retrieval_recall: float | None = Field(None, description="Gold facts covered by stage-3 retrievals.")
     retrieved_any: bool = False
+    storage_quality: float | None = Field(None, description="R_storage: share of stored memories judged high quality.")
+    storage_quality_source: str = "none"
+    retrieval_relevance: float | None = Field(None, description="R_relevance: judged relevance of stage-3 retrievals.")
+    retrieval_relevance_source: str = "none"
     memory_adds_ok: int = 0
     memory_updates_ok: int = 0
     memory_deletes_ok: int = 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from agemem.cli import data, episode, eval, memory, pipeline, train
+from agemem.cli import data, doctor, episode, eval, memory, pipeline, train
 
 app = typer.Typer(help="AgeMem: RL-trained memory management for LLM agents.", no_args_is_help=True)
 app.add_typer(data.app, name="data", help="Prepare HotpotQA episodes and synthesize distractors.")
@@ -16,6 +16,8 @@ app.command("episode", help="Run one episode and print its transcript and reward
 app.command("train", help="GRPO training with verl (GPUs) or the local trainer (CPU / one GPU).")(train.train)
 app.command("eval", help="Evaluate a model with the episode engine and the judge.")(eval.evaluate)
 app.command("pipeline", help="Run the whole Prefect pipeline.")(pipeline.pipeline)
+app.command("doctor", help="Check what a run needs on this machine (GPUs, packages, model, stores, keys, Ray).")(
+    doctor.doctor)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.doctor import PreflightError
 from agemem.data.prepare import episodes_path as episodes_path_for_settings
 from agemem.train.run import run as run_training
 
@@ -48,10 +49,12 @@ def train(
         from agemem.train.verl.launch import run_verl  # verl's Hydra config: only for a verl dry run
 
         try:
-            run = run_verl(settings, None if dry_run else episodes_path, dry_run=dry_run, mlflow_run_id=mlflow_run_id,
-                           sink=typer.echo)
+            run = run_verl(settings, None, dry_run=True, mlflow_run_id=mlflow_run_id, sink=typer.echo)
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc)) from exc
+        typer.echo("# plan")
+        for line in run.summary:
+            typer.echo(f"- {line}")
         typer.echo("# verl overrides (composed against verl's ppo_trainer: OK)")
         for item in run.overrides:
             typer.echo(item)
@@ -67,6 +70,9 @@ def train(
                                  param_hint="--episodes")
     try:
         result = run_training(settings, episodes_path, algo=algo, mlflow_run_id=mlflow_run_id)  # type: ignore[arg-type]
+    except PreflightError as exc:  # verl: the doctor's report, not a traceback minutes into Ray start-up
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -40,15 +40,20 @@ class PolicyHandle:
 
 def adapter_base_model(settings: "Settings", adapter_dir: Path) -> str:
     """The base a PEFT adapter was trained on: its recorded ``base_model_name_or_path`` when that is
-    loadable here (a local path, e.g. the GGUF file), else ``train.model``."""
+    loadable here (a local path, e.g. the GGUF file); else, for verl's merger layout
+    (``<merged>/lora_adapter``), the base weights the merger saved beside it; else ``train.model``."""
     import json
 
+    adapter_dir = Path(adapter_dir)
     recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if recorded and Path(recorded).exists():
         if recorded != settings.train.model:
             logger.info("adapter %s: rebuilding its recorded base %s (train.model is %s)", adapter_dir, recorded,
                         settings.train.model)
         return str(recorded)
+    if (adapter_dir.parent / "config.json").is_file():
+        # verl's merger saves the base weights (the LoRA layers' base_layer) and tokenizer one level up.
+        return str(adapter_dir.parent)
     # The tiny random model records no path (it is re-created from its seed); hub names resolve as given.
     return settings.train.model
 

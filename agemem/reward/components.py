@@ -2,7 +2,19 @@
 
 All inputs are episode statistics (``EpisodeStats`` as a dict, see ``agemem.agent.stats``), which
 the engine computes from its per-rollout event log and the memory store, never from the final,
-rewritten context. Fixes against the reference (REFERENCE.md section 12): stage-1 memory writes
+rewritten context.
+
+Presets: ``paper`` is the paper's ``w^T [R_task, R_context, R_memory] + penalties`` with uniform
+weights (no tool-efficiency term: that is the released code's, ``w_tool`` 0 here) and no early stage
+end (``auto_summary_threshold`` None); ``official-code`` is what the released code instantiates
+(weights 0.5 / 0.15 / 0.15 plus the tool term at 0.2, clip to [-1, 1], stage end at 80 % of the
+context budget).
+
+R_memory's terms: R_storage is the share of stored memories judged high quality for the question
+and its answer, R_relevance the judged relevance of what stage 3 retrieved (``Judge.storage_quality``
+/ ``Judge.retrieval_relevance``: the LLM judge when the judge is an LLM, else the documented offline
+approximation, the share of items holding a gold supporting sentence or the answer). Recall of gold
+facts (``storage_recall``, ``retrieval_recall``) stays a diagnostic: storing everything maximises it. Fixes against the reference (REFERENCE.md section 12): stage-1 memory writes
 count (storage is measured on the event log), no term is always 1 (preservation is the share of
 gold facts present in the context when answering), efficiency uses model rounds and is only
 paid for an answer, and the round-limit penalty applies only when stage 3 ran out of rounds
@@ -27,7 +39,7 @@ class RewardConfig(BaseModel):
     w_task: float = Field(1.0, description="Weight of the task term (judge score in [0, 1]).")
     w_context: float = Field(1.0, description="Weight of mean(compression, preventive, preservation).")
     w_memory: float = Field(1.0, description="Weight of mean(storage, maintenance, relevance).")
-    w_tool: float = Field(1.0, description="Weight of the tool-use term.")
+    w_tool: float = Field(0.0, description="Weight of the tool-use term (the released code's; not in the paper).")
     no_answer_penalty: float = Field(-1.0, description="Added (unweighted) when stage 3 gives no answer.")
     round_limit_penalty: float = Field(-1.0, description="Added when stage 3 hit its round limit unanswered.")
     overflow_penalty: float = Field(-0.5, description="Added when any context overflow happened.")
@@ -54,7 +66,7 @@ class RewardConfig(BaseModel):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's appendix: uniform weights over the four terms (no clip: GRPO normalises per group).
+    # The paper: uniform weights over task, context and memory; no tool term, no clip (GRPO normalises).
     "paper": {"preset": "paper"},
     # What the released code instantiates (ThreeStageRewardCalculator).
     "official-code": {
@@ -106,12 +118,11 @@ def context_terms(stats: dict[str, Any]) -> dict[str, float]:
 
 
 def memory_terms(stats: dict[str, Any]) -> dict[str, float]:
-    storage = stats.get("storage_recall")
-    relevance = stats.get("retrieval_recall")
+    """R_storage, R_maintenance, R_relevance; a grade missing from the statistics counts 0."""
     return {
-        "r_storage": float(storage) if storage is not None else float(_f(stats, "memory_adds_ok") > 0),
+        "r_storage": _f(stats, "storage_quality"),
         "r_maintenance": float(_f(stats, "memory_updates_ok") + _f(stats, "memory_deletes_ok") > 0),
-        "r_relevance": float(relevance) if relevance is not None else float(bool(stats.get("retrieved_any"))),
+        "r_relevance": _f(stats, "retrieval_relevance"),
     }
 
 

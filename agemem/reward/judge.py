@@ -1,9 +1,16 @@
-"""The answer judge and the memory-quality metric.
+"""The answer judge, the memory-quality metric and the paper's memory graders.
 
 LLM backend: a 0-1 grade parsed strictly (a bare number; anything else is retried, then the
 offline score is used and flagged). Offline backend (``client.offline`` or no client): token F1 /
 EM with the official HotpotQA normalisation, and embedding similarity between stored memories and
 gold supporting sentences. Judge results are cached by (question, gold, prediction).
+
+``storage_quality`` (the paper's R_storage) and ``retrieval_relevance`` (R_relevance) grade *what
+was stored* and *what was retrieved* against the question and its answer: with an LLM judge, the
+share of stored memories it counts as high quality and its relevance grade of the retrieved items
+(the reference's graders, fed the gold sentences instead of their indices); offline (and as the
+flagged fallback), the share of items that hold a gold supporting sentence (embedding cosine at
+``match_threshold``) or the gold answer. Both are shares, so storing everything lowers them.
 """
 
 from __future__ import annotations
@@ -17,10 +24,15 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-from agemem.reward.prompts import ANSWER_JUDGE_PROMPT, MEMORY_JUDGE_PROMPT
+from agemem.reward.prompts import (
+    ANSWER_JUDGE_PROMPT,
+    MEMORY_JUDGE_PROMPT,
+    RELEVANCE_JUDGE_PROMPT,
+    STORAGE_JUDGE_PROMPT,
+)
 from agemem.llm import LLMClient, LLMError, build_llm_client
 from agemem.memory.embedder import get_embedder
-from agemem.reward.metrics import exact_match, f1_score
+from agemem.reward.metrics import exact_match, f1_score, normalize_answer
 
 if TYPE_CHECKING:
     from agemem.settings import Settings
@@ -30,6 +42,9 @@ logger = logging.getLogger(__name__)
 _STRICT_NUMBER = re.compile(r"^\s*(?:score\s*[:=]\s*)?(\d+(?:\.\d+)?|\.\d+)\s*\.?\s*$", re.IGNORECASE)
 _SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
 _CACHE_MAX = 100_000
+_INTEGER = re.compile(r"^\s*(?:count\s*[:=]\s*)?(\d+)\s*\.?\s*$", re.IGNORECASE)
+#: The reference's graders look at up to 10 items, each cut to 300 characters.
+GRADED_ITEMS, GRADED_CHARS = 10, 300
 
 Source = Literal["llm", "offline", "fallback", "no_answer", "no_gold"]
 
@@ -50,6 +65,25 @@ class MemoryQuality(BaseModel):
     source: Literal["llm", "offline", "fallback", "no_gold"]
     fallback: bool = False
     error: str | None = None
+
+
+class ItemGrade(BaseModel):
+    """A share in [0, 1] over stored or retrieved items (R_storage, R_relevance)."""
+
+    score: float
+    items: int
+    source: Literal["llm", "offline", "fallback", "none"]
+    fallback: bool = False
+    error: str | None = None
+
+
+def parse_count(text: str, most: int) -> float | None:
+    """A bare integer in [0, most] as a share of ``most``, else None."""
+    match = _INTEGER.match(text or "")
+    if not match or most <= 0:
+        return None
+    value = int(match.group(1))
+    return value / most if value <= most else None
 
 
 def parse_grade(text: str) -> float | None:
@@ -110,7 +144,8 @@ class Judge:
     def offline(self) -> bool:
         return self.client is None or self.client.offline
 
-    async def _grade(self, prompt: str) -> tuple[float | None, str | None]:
+    async def _grade(self, prompt: str, parse: Callable[[str], float | None] = parse_grade
+                     ) -> tuple[float | None, str | None]:
         """Ask the LLM for a grade; (grade, None) or (None, why it failed)."""
         assert self.client is not None
         error = "no reply"
@@ -119,7 +154,7 @@ class Judge:
                 reply = await self.client.complete_text(prompt)
             except LLMError as exc:
                 return None, f"judge call failed: {exc}"
-            grade = parse_grade(reply)
+            grade = parse(reply)
             if grade is not None:
                 return grade, None
             error = f"unparseable judge reply {reply[:60]!r}"
@@ -196,9 +231,58 @@ class Judge:
             return offline.model_copy(update={"source": "fallback", "fallback": True, "error": error})
         return MemoryQuality(score=grade, precision=offline.precision, recall=offline.recall, source="llm")
 
+    def _offline_share(self, items: Sequence[str], gold: Sequence[str], answer: str | None) -> float:
+        """Share of items holding a gold sentence (a sentence at cosine >= match_threshold) or the answer."""
+        norm_answer = normalize_answer(answer or "")
+        if norm_answer in ("yes", "no"):  # comparison answers say nothing about what a memory holds
+            norm_answer = ""
+        hits = [bool(norm_answer) and f" {norm_answer} " in f" {normalize_answer(item)} " for item in items]
+        pieces = [(i, p.strip()) for i, item in enumerate(items) for p in _SENTENCES.split(item) if p.strip()]
+        if gold and pieces:
+            if self._encode is None:
+                raise RuntimeError("offline memory grading needs an embedding function")
+            vecs = np.asarray(self._encode([p for _, p in pieces] + list(gold)), dtype=np.float32)
+            match = (vecs[: len(pieces)] @ vecs[len(pieces):].T >= self.match_threshold).any(axis=1)
+            for (i, _), matched in zip(pieces, match.tolist()):
+                hits[i] = hits[i] or matched
+        return sum(hits) / len(items)
+
+    async def _grade_items(self, items: Sequence[str], question: str, answer: str | None,
+                           supporting_sentences: Sequence[str], *, storage: bool) -> ItemGrade:
+        items = [i for i in items if i and i.strip()]
+        if not items:
+            return ItemGrade(score=0.0, items=0, source="none")
+        gold = [s.strip() for s in supporting_sentences if s and s.strip()]
+        offline = await asyncio.to_thread(self._offline_share, items, gold, answer)
+        if self.offline:
+            return ItemGrade(score=offline, items=len(items), source="offline")
+        shown = items[:GRADED_ITEMS]
+        listed = "\n".join(f"{n}. {m[:GRADED_CHARS]}" for n, m in enumerate(shown, 1))
+        fields = {"question": question, "answer": answer or "(none)", "memories": listed,
+                  "facts": "\n".join(f"- {g}" for g in gold) or "(none)"}
+        if storage:
+            grade, error = await self._grade(STORAGE_JUDGE_PROMPT.format(count=len(shown), **fields),
+                                             lambda text: parse_count(text, len(shown)))
+        else:
+            grade, error = await self._grade(RELEVANCE_JUDGE_PROMPT.format(**fields))
+        if grade is None:
+            self.fallbacks += 1
+            return ItemGrade(score=offline, items=len(items), source="fallback", fallback=True, error=error)
+        return ItemGrade(score=grade, items=len(items), source="llm")
+
+    async def storage_quality(self, stored: Sequence[str], question: str, answer: str | None,
+                              supporting_sentences: Sequence[str]) -> ItemGrade:
+        """R_storage: the share of stored memories that are high quality for the question (0 when none)."""
+        return await self._grade_items(stored, question, answer, supporting_sentences, storage=True)
+
+    async def retrieval_relevance(self, retrieved: Sequence[str], question: str, answer: str | None,
+                                  supporting_sentences: Sequence[str]) -> ItemGrade:
+        """R_relevance: how relevant the retrieved memories are to answering the question (0 when none)."""
+        return await self._grade_items(retrieved, question, answer, supporting_sentences, storage=False)
+
     async def memory_quality(self, memories: Sequence[str], supporting_sentences: Sequence[str]) -> float:
         """Memory quality in [0, 1] (stored memories vs gold supporting sentences)."""
         return (await self.memory_quality_report(memories, supporting_sentences)).score
 
 
-__all__ = ["Judge", "JudgeScore", "MemoryQuality", "parse_grade"]
+__all__ = ["ItemGrade", "Judge", "JudgeScore", "MemoryQuality", "parse_count", "parse_grade"]

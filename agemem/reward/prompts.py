@@ -1,4 +1,4 @@
-"""The judge's prompts: answer quality and memory quality (the reward side owns them)."""
+"""The judge's prompts: answer quality, memory quality, and the paper's R_storage / R_relevance graders."""
 
 from __future__ import annotations
 
@@ -22,5 +22,31 @@ Stored memories:
 Score from 0.0 (nothing relevant stored) to 1.0 (every gold fact stored, nothing irrelevant).
 Reply with the number only, e.g. 0.7"""
 
+STORAGE_JUDGE_PROMPT = """An assistant stored the numbered memories below while reading a conversation; later it was
+asked the question. A memory is high quality when it holds information useful for answering the question
+(the expected answer and its supporting facts are given) and does not merely repeat another memory.
+Question: {question}
+Expected answer: {answer}
+Supporting facts:
+{facts}
 
-__all__ = ["ANSWER_JUDGE_PROMPT", "MEMORY_JUDGE_PROMPT"]
+Stored memories:
+{memories}
+
+How many of the {count} stored memories are high quality? Reply with one integer from 0 to {count}, e.g. 2"""
+
+RELEVANCE_JUDGE_PROMPT = """An assistant retrieved the memories below from its long-term memory to answer the question.
+Question: {question}
+Expected answer: {answer}
+Supporting facts:
+{facts}
+
+Retrieved memories:
+{memories}
+
+Score from 0.0 to 1.0 how relevant the retrieved memories are, overall, to answering the question:
+1.0 they hold what the answer needs; 0.5 partly; 0.0 nothing relevant.
+Reply with the number only, e.g. 0.7"""
+
+
+__all__ = ["ANSWER_JUDGE_PROMPT", "MEMORY_JUDGE_PROMPT", "RELEVANCE_JUDGE_PROMPT", "STORAGE_JUDGE_PROMPT"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from itertools import groupby
 
+import pytest
+
 
 from agemem.agent.context import ChatTokenizer
 from agemem.agent.episode import EpisodeEngine
@@ -81,7 +83,11 @@ async def test_three_stage_episode_segments_masks_and_stats(agent_settings, agen
     extra = json.loads(json.dumps(result.extra_fields()))
     score = compute_score("hotpotqa", result.transcript_text(), episode_script.gold_answer, extra)
     assert score["stats_missing"] == 0.0 and score["answered"] == 1.0
-    assert score["r_storage"] == 1.0 and score["r_preventive"] == 1.0
+    assert score["r_preventive"] == 1.0
+    # R_storage is the share of stored memories that hold a gold fact: the scripted agent stores all ten
+    # stage-1 messages and two of them hold the supporting facts, so storing everything does not max it.
+    assert stats.storage_quality_source == "offline" and score["r_storage"] == pytest.approx(0.2)
+    assert stats.retrieval_relevance_source == "offline" and 0.0 < score["r_relevance"] <= 1.0
 
 
 async def test_chat_policy_runs_the_same_episode(agent_settings, agent_memory, chat_tokenizer, episode_script,

@@ -10,7 +10,7 @@ from agemem.reward.score import SCORE_KEYS, compute_score
 GOOD = {
     "answered": True, "judge_score": 0.8, "em": 0.0, "f1": 0.5,
     "context_ratio_final": 0.4, "preventive_context_tools": 1, "overflow_count": 0, "key_info_in_context": 0.5,
-    "storage_recall": 1.0, "memory_updates_ok": 0, "memory_deletes_ok": 1, "retrieval_recall": 0.5,
+    "storage_quality": 1.0, "memory_updates_ok": 0, "memory_deletes_ok": 1, "retrieval_relevance": 0.5,
     "tool_call_count": 6, "total_rounds": 6,
     "tool_ok_counts": {"Retrieve_memory": 1, "Add_memory": 4, "Filter_context": 1},
     "stage3_rounds": 2, "stage3_max_rounds": 5, "round_limit_hit": False,
@@ -18,7 +18,7 @@ GOOD = {
 }
 BAD = {
     "answered": False, "judge_score": 0.0, "context_ratio_final": 1.2, "preventive_context_tools": 0,
-    "overflow_count": 1, "key_info_in_context": None, "storage_recall": 0.0, "retrieval_recall": 0.0,
+    "overflow_count": 1, "key_info_in_context": None, "storage_quality": 0.0, "retrieval_relevance": 0.0,
     "tool_call_count": 0, "total_rounds": 8, "tool_ok_counts": {}, "stage3_rounds": 5, "stage3_max_rounds": 5,
     "round_limit_hit": True, "format_error_count": 3, "tool_error_count": 0,
 }
@@ -29,8 +29,8 @@ def test_paper_preset_hand_computed() -> None:
     # context = (0.6 + 1 + 0.5)/3 = 0.7; memory = (1 + 1 + 0.5)/3; tool = 0.2 + 0.5 + 0.2*(1 - 2/5) = 0.82
     assert out["context"] == pytest.approx(0.7)
     assert out["memory"] == pytest.approx(2.5 / 3)
-    assert out["tool"] == pytest.approx(0.82)
-    assert out["score"] == pytest.approx(0.8 + 0.7 + 2.5 / 3 + 0.82)
+    assert out["tool"] == pytest.approx(0.82)  # reported, but the paper's reward has no tool term
+    assert out["score"] == pytest.approx(0.8 + 0.7 + 2.5 / 3)
     assert out["penalty_no_answer"] == 0.0 and out["stats_missing"] == 0.0
 
 
@@ -44,7 +44,7 @@ def test_failure_penalties_and_clip() -> None:
     assert official["raw_score"] == pytest.approx(-2.5)  # no answer -1, round limit -1, overflow -0.5
     assert official["score"] == -1.0
     paper = compute_score("hotpotqa", "", "yes", BAD, preset="paper")
-    assert paper["score"] == pytest.approx(-2.5)
+    assert paper["score"] == pytest.approx(-2.5 + 2 * 0.0 / 3)
     assert paper["r_compression"] == 0.0 and paper["tool_efficiency"] == 0.0
 
 

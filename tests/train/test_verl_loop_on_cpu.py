@@ -46,7 +46,7 @@ class RecordingServerManager(ScriptedTokenPolicy):
 # The scripted agent writes whole tool calls (a stage-1 reply of five Add_memory calls is ~250
 # tokens); the smoke profile's 24-token turn cap is sized for the tiny random model and would cut
 # every call in half, so the run is configured the way a user would: an override on the driver.
-LOOP_OVERRIDES = {"train": {"max_response_length": 4096}, "episode": {"max_turn_tokens": 1024}}
+LOOP_OVERRIDES = {"episode": {"max_turn_tokens": 1024}}
 
 
 def compose_for(runs_dir: Path, server_url: str | None = None) -> Any:

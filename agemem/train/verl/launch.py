@@ -1,7 +1,13 @@
-"""Launch verl GRPO: tool server up, ``main_ppo`` on local Ray or ``ray job submit``, logs streamed.
+"""Launch verl GRPO: preflight, tool server up, ``main_ppo`` on local Ray or ``ray job submit``, logs streamed.
 
-verl itself needs NVIDIA GPUs for rollout; everything before ``main_ppo`` (data, tool config,
-Hydra composition) runs anywhere, and ``dry_run=True`` stops right after composing.
+verl itself needs NVIDIA GPUs for rollout; everything before ``main_ppo`` (data, Hydra
+composition) runs anywhere, and ``dry_run=True`` stops right after composing. A real launch first
+runs the doctor's checks (:func:`agemem.doctor.require`) and stops with its report when something
+is missing, instead of a verl traceback after Ray start-up.
+
+The model: a local directory (or the tiny test model) is handed to the workers as a path and the
+hub's offline flags are set; a hub name is downloaded once here (``snapshot_download``) for local
+Ray, or left to the cluster's nodes for ``ray job submit`` (no offline flags then).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -16,22 +23,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from agemem import doctor
 from agemem.agent.prompts import episode_system_prompt
 from agemem.data.episodes_io import read_episodes
 from agemem.data.hotpot import require_labelled
 from agemem.memory.process import free_port, start_server_process, stop_server_process
-from agemem.settings import Settings, offline_env
+from agemem.settings import Settings
+from agemem.tracking.runs import configure as mlflow_client
 from agemem.train.models import is_tiny, materialise_tiny_model
 from agemem.train.run import TrainResult, config_hash
 from agemem.train.verl import config as verl_config
 from agemem.train.verl.config import VerlPaths
-from agemem.train.verl.merge import latest_verl_step_dir, merge_checkpoint, step_number
+from agemem.train.verl.merge import latest_verl_step_dir, merge_checkpoint, record_adapter_base, step_number
 from agemem.train.verl.rows import write_verl_parquet
-from agemem.train.verl.tools import write_tool_config
+from agemem.train.verl.watch import ProbsDiffWatch
 
 logger = logging.getLogger(__name__)
 
 LineSink = Callable[[str], None]
+#: A metric verl's V1 trainer logs every step: its absence means verl tracked nothing.
+STEP_METRIC = "training/global_step"
 
 
 @dataclass
@@ -44,6 +55,9 @@ class VerlRun:
     dry_run: bool
     returncode: int | None = None
     env: dict[str, str] = field(default_factory=dict)
+    model: str = ""
+    summary: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def verl_work_dir(settings: Settings) -> Path:
@@ -56,7 +70,6 @@ def plan_paths(settings: Settings) -> VerlPaths:
     return VerlPaths(
         train_files=work / "train.parquet",
         val_files=work / "val.parquet",
-        tool_config=work / "tool_config.yaml",
         agent_loop_config=work / "agent_loop.yaml",
         checkpoint_dir=verl_config.checkpoint_dir(settings),
     )
@@ -75,7 +88,7 @@ def ray_submit_command(address: str, runtime_env: dict, inner: list[str], *, wor
 
 
 def prepare_inputs(settings: Settings, episodes_path: Path, paths: VerlPaths) -> None:
-    """Write train/val parquet, the tool config and the agent-loop registry for verl."""
+    """Write train/val parquet and the agent-loop registry for verl."""
     episodes = read_episodes(Path(episodes_path))
     if not episodes:
         raise ValueError(f"no episodes in {episodes_path}")
@@ -86,7 +99,6 @@ def prepare_inputs(settings: Settings, episodes_path: Path, paths: VerlPaths) ->
     prompt = episode_system_prompt(settings.episode)
     write_verl_parquet(train, paths.train_files, verl_config.AGENT_NAME, system_prompt=prompt)
     write_verl_parquet(val, paths.val_files, verl_config.AGENT_NAME, system_prompt=prompt)
-    write_tool_config(paths.tool_config, use_context_tools=settings.episode.use_context_tools)
     verl_config.write_agent_loop_config(paths.agent_loop_config)
 
 
@@ -128,6 +140,43 @@ def stream(cmd: list[str], *, env: dict[str, str], sink: LineSink) -> int:
         return proc.wait()
 
 
+def resolve_model(settings: Settings, *, download: bool) -> tuple[str | None, bool]:
+    """(the model path to hand verl, or None for ``train.model`` as given; whether it is local)."""
+    model = settings.train.model
+    if is_tiny(model):
+        return (str(materialise_tiny_model(settings, verl_work_dir(settings) / "tiny-model")) if download else None,
+                True)
+    if Path(model).expanduser().exists():
+        return str(Path(model).expanduser().resolve()), True
+    if not download or settings.train.ray_address is not None:
+        return None, False  # a cluster's nodes download (or share HF_HOME) themselves
+    from huggingface_hub import snapshot_download
+
+    logger.info("resolving %s once for every worker (snapshot_download)", model)
+    return snapshot_download(model), True
+
+
+def plan_summary(settings: Settings, model: str, *, local_model: bool) -> list[str]:
+    """What the run will do, in numbers: lengths, token budgets, updates per step, retention, model."""
+    b = verl_config.budget(settings)
+    t, ep = settings.train, settings.episode
+    kept = t.keep_checkpoints or "all"
+    return [
+        f"segment prompt <= {b.prompt_length} tokens; segment response <= {b.response_length} tokens"
+        + ("" if t.max_response_length else f" (derived: context {ep.max_context_tokens} + turn {ep.max_turn_tokens})"),
+        f"token budget per GPU (actor update, rollout and ref log-probs): {b.token_budget}"
+        + ("" if t.ppo_max_token_len_per_gpu else " (derived: prompt + response)"),
+        f"rollouts per step: {b.rollouts_per_step} ({t.tasks_per_batch} tasks x {t.rollouts_per_prompt}); "
+        f"mini-batch: {b.mini_batch_prompts} prompts = {b.mini_batch_prompts * t.rollouts_per_prompt} rows, "
+        "rows shuffled across groups",
+        f"optimizer updates per step: ~{b.updates_per_step(2):g} at 2 segments per trajectory (stage 1; stages 2-3), "
+        f"+{b.updates_per_step(1):g} per context rewrite (Summary/Filter/overflow) per trajectory",
+        f"checkpoints: every {t.save_every} steps, newest {kept} kept (trainer.max_actor_ckpt_to_keep)",
+        f"model: {model} ({'local: workers run offline' if local_model else 'hub name: downloaded at launch'}"
+        f"{'' if local_model or t.ray_address is None else ' by every node'})",
+    ]
+
+
 def run_verl(
     settings: Settings,
     episodes_path: Path | None = None,
@@ -139,55 +188,82 @@ def run_verl(
     """Compose and (unless ``dry_run``) run verl GRPO training.
 
     Dry run: builds and validates the overrides with Hydra's compose API; writes nothing and
-    needs neither episodes nor a GPU. Real run: writes inputs, starts the tool server, runs
-    ``main_ppo`` locally (``train.ray_address`` unset) or via ``ray job submit``, streams the
-    logs to ``sink`` and stops the server. Raises ``RuntimeError`` when training fails.
+    needs neither episodes nor a GPU. Real run: the doctor's checks (``PreflightError`` listing
+    what is missing), inputs, the tool server, ``main_ppo`` locally (``train.ray_address`` unset)
+    or via ``ray job submit`` with the logs streamed to ``sink``. Raises ``RuntimeError`` when
+    training fails.
     """
     sink = sink or (lambda line: logger.info("verl | %s", line))
-    paths = plan_paths(settings)
-    model_path = None
     if not dry_run:
+        doctor.require(settings, "verl")
         if episodes_path is None:
             raise ValueError("episodes_path is required unless dry_run")
-        prepare_inputs(settings, episodes_path, paths)
-        if is_tiny(settings.train.model):
-            model_path = str(materialise_tiny_model(settings, verl_work_dir(settings) / "tiny-model"))
+    paths = plan_paths(settings)
+    if not dry_run:
+        prepare_inputs(settings, Path(episodes_path), paths)  # type: ignore[arg-type]
+    model_path, local_model = resolve_model(settings, download=not dry_run)
     overrides = verl_config.build_overrides(settings, paths, model_path=model_path)
     placeholder_url = settings.memory.server_url or f"http://{settings.memory.host}:{settings.memory.port}"
-    runtime_env = verl_config.ray_runtime_env(settings, memory_server_url=placeholder_url, mlflow_run_id=mlflow_run_id)
+    runtime_env = verl_config.ray_runtime_env(settings, memory_server_url=placeholder_url, mlflow_run_id=mlflow_run_id,
+                                              model_is_local=local_model)
     local = settings.train.ray_address is None
     full = overrides + (verl_config.runtime_env_overrides(runtime_env) if local else [])
-    cfg = verl_config.compose(full)
-    verl_config.check_composed(cfg)
+    verl_config.check_composed(verl_config.compose(full))
+    run = VerlRun(overrides=full, command=main_ppo_command(full), paths=paths, dry_run=dry_run,
+                  env=runtime_env["env_vars"], model=model_path or settings.train.model,
+                  summary=plan_summary(settings, model_path or settings.train.model, local_model=local_model))
     if dry_run:
-        return VerlRun(overrides=full, command=main_ppo_command(full), paths=paths, dry_run=True)
-
+        return run
     with tool_server(settings) as url:
-        runtime_env = verl_config.ray_runtime_env(settings, memory_server_url=url, mlflow_run_id=mlflow_run_id)
-        env = offline_env()
-        env.update(runtime_env["env_vars"])
-        if local:
-            full = overrides + verl_config.runtime_env_overrides(runtime_env)
-            cmd = main_ppo_command(full)
-        else:
-            full = overrides
-            cmd = ray_submit_command(
-                settings.train.ray_address, runtime_env, main_ppo_command(overrides, python="python"), working_dir=None
-            )
-        logger.info("launching verl (%s): %d overrides", "local Ray" if local else settings.train.ray_address, len(full))
-        code = stream(cmd, env=env, sink=sink)
-    run = VerlRun(overrides=full, command=cmd, paths=paths, dry_run=False, returncode=code, env=runtime_env["env_vars"])
+        runtime_env = verl_config.ray_runtime_env(settings, memory_server_url=url, mlflow_run_id=mlflow_run_id,
+                                                  model_is_local=local_model)
+        run = _launch(settings, run, overrides, runtime_env, sink)
+    if mlflow_run_id:
+        settle_mlflow_run(settings, mlflow_run_id)
+    return run
+
+
+def _launch(settings: Settings, run: VerlRun, overrides: list[str], runtime_env: dict, sink: LineSink) -> VerlRun:
+    """Run ``main_ppo`` (local Ray, or ``ray job submit``), streaming its lines through the probs-diff watch."""
+    env = {**os.environ, **verl_config.secret_env(settings), **runtime_env["env_vars"]}
+    if settings.train.ray_address is None:
+        full = overrides + verl_config.runtime_env_overrides(runtime_env)
+        cmd = main_ppo_command(full)
+    else:
+        full = overrides
+        cmd = ray_submit_command(settings.train.ray_address, runtime_env,
+                                 main_ppo_command(overrides, python="python"), working_dir=None)
+    logger.info("launching verl (%s): %d overrides", settings.train.ray_address or "local Ray", len(full))
+    watch = ProbsDiffWatch(sink)
+    code = stream(cmd, env=env, sink=watch)
+    run.overrides, run.command, run.returncode, run.env = full, cmd, code, runtime_env["env_vars"]
+    run.warnings = list(watch.warnings)
     if code != 0:
         raise RuntimeError(f"verl training failed with exit code {code} (command: {' '.join(cmd[:4])} ...)")
     return run
+
+
+def settle_mlflow_run(settings: Settings, run_id: str) -> None:
+    """verl's MLflow logger ends the run it was handed: reopen it for the pipeline, and fail loudly
+    when verl logged no step metric (its logger carries on untracked when the server is unreachable)."""
+    client = mlflow_client(settings)
+    run = client.get_run(run_id)
+    if run.info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    if STEP_METRIC not in run.data.metrics:
+        raise RuntimeError(
+            f"verl finished but logged no metrics to MLflow run {run_id} at {settings.tracking_uri} (no "
+            f"{STEP_METRIC!r}): its logger could not reach the tracking server, so the run is untracked"
+        )
 
 
 def train_verl(settings: Settings, episodes_path: Path, *, mlflow_run_id: str | None = None) -> TrainResult:
     """verl GRPO on ``episodes_path``, then verl's merger on the newest checkpoint.
 
     A LoRA run's merged directory holds the *base* weights plus ``lora_adapter/``: the result names
-    the adapter as the trained policy and no model directory, so nothing evaluates the base by
-    mistake. A full fine-tune's merged directory is the trained model.
+    the adapter as the trained policy (with its base recorded in ``adapter_config.json``) and no
+    model directory, so nothing evaluates or registers the base by mistake. A full fine-tune's
+    merged directory is the trained model.
     """
     run = run_verl(settings, episodes_path, mlflow_run_id=mlflow_run_id)
     step_dir = latest_verl_step_dir(run.paths.checkpoint_dir) if run.paths.checkpoint_dir else None
@@ -196,6 +272,8 @@ def train_verl(settings: Settings, episodes_path: Path, *, mlflow_run_id: str | 
     merged = merge_checkpoint(step_dir, verl_work_dir(settings) / f"merged-{step_dir.name}")
     adapter = merged / "lora_adapter"
     has_adapter = (adapter / "adapter_config.json").is_file()
+    if has_adapter:
+        record_adapter_base(adapter, run.model)
     return TrainResult(
         backend="verl",
         checkpoint_dir=step_dir,
@@ -207,5 +285,5 @@ def train_verl(settings: Settings, episodes_path: Path, *, mlflow_run_id: str | 
     )
 
 
-__all__ = ["VerlRun", "main_ppo_command", "plan_paths", "ray_submit_command", "run_verl", "tool_server",
-           "train_verl"]
+__all__ = ["VerlRun", "main_ppo_command", "plan_paths", "plan_summary", "ray_submit_command", "resolve_model",
+           "run_verl", "settle_mlflow_run", "tool_server", "train_verl"]

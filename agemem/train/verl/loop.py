@@ -80,22 +80,18 @@ class StagedMemoryAgentLoop(AgentLoopBase):
         return self.outputs(result, trajectory_id)
 
     def outputs(self, result: EpisodeResult, trajectory_id: str) -> list[AgentLoopOutput]:
-        """One AgentLoopOutput per segment with at least one model token; stats on every output."""
+        """One AgentLoopOutput per segment with at least one model token; stats on every output.
+
+        Every output carries the trajectory's ``min_global_steps`` / ``max_global_steps`` (verl's
+        V1 trainer turns them into TransferQueue tags and casts them to int) and ``truncated``
+        (the segment was cut to verl's lengths; logged per step as ``rollout/truncated_segments``).
+        """
         segments = [s for s in result.segments if sum(s.response_mask) > 0]
-        stats = result.extra_fields()
+        stats = {**result.extra_fields(), **result.generation_fields}
         num_turns = len(result.transcript)
         outputs: list[AgentLoopOutput] = []
         for i, seg in enumerate(segments):
-            prompt_ids = list(seg.prompt_ids)
-            if len(prompt_ids) > self.prompt_length:
-                logger.warning("trajectory %s segment %d: prompt of %d tokens > prompt_length %d, left-truncated",
-                               trajectory_id, i, len(prompt_ids), self.prompt_length)
-                prompt_ids = prompt_ids[-self.prompt_length:]
-            n = min(len(seg.response_ids), self.response_length)
-            if n < len(seg.response_ids):
-                logger.warning("trajectory %s segment %d: response of %d tokens > response_length %d, truncated "
-                               "(raise data.max_response_length to max_context_tokens)",
-                               trajectory_id, i, len(seg.response_ids), self.response_length)
+            prompt_ids, response_ids, mask, logprobs, truncated = self._fit(seg, trajectory_id, i)
             last = i == len(segments) - 1
             metrics = AgentLoopMetrics(
                 generate_sequences=float(result.stats.generate_s) if last else 0.0,
@@ -103,16 +99,29 @@ class StagedMemoryAgentLoop(AgentLoopBase):
             )
             outputs.append(
                 AgentLoopOutput(
-                    prompt_ids=prompt_ids,
-                    response_ids=list(seg.response_ids[:n]),
-                    response_mask=list(seg.response_mask[:n]),
-                    response_logprobs=list(seg.response_logprobs[:n]) if seg.response_logprobs else None,
-                    num_turns=num_turns,
-                    metrics=metrics,
+                    prompt_ids=prompt_ids, response_ids=response_ids, response_mask=mask,
+                    response_logprobs=logprobs, num_turns=num_turns, metrics=metrics,
                     extra_fields={**stats, "trajectory_id": trajectory_id, "segment_index": i,
-                                  "num_segments": len(segments)},
+                                  "num_segments": len(segments), "truncated": truncated},
                 )
             )
         if not outputs:
             logger.warning("trajectory %s produced no model tokens", trajectory_id)
         return outputs
+
+    def _fit(self, seg: Any, trajectory_id: str, i: int) -> tuple[list[int], list[int], list[int], Any, bool]:
+        """A segment cut to verl's prompt and response lengths (never silently: warned and flagged)."""
+        prompt_ids = list(seg.prompt_ids)
+        truncated = False
+        if len(prompt_ids) > self.prompt_length:
+            logger.warning("trajectory %s segment %d: prompt of %d tokens > prompt_length %d, left-truncated",
+                           trajectory_id, i, len(prompt_ids), self.prompt_length)
+            prompt_ids, truncated = prompt_ids[-self.prompt_length:], True
+        n = min(len(seg.response_ids), self.response_length)
+        if n < len(seg.response_ids):
+            logger.warning("trajectory %s segment %d: response of %d tokens > response_length %d, truncated "
+                           "(leave train.max_response_length unset to derive it from the context budget)",
+                           trajectory_id, i, len(seg.response_ids), self.response_length)
+            truncated = True
+        logprobs = list(seg.response_logprobs[:n]) if seg.response_logprobs else None
+        return prompt_ids, list(seg.response_ids[:n]), list(seg.response_mask[:n]), logprobs, truncated

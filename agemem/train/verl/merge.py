@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -28,6 +29,19 @@ def step_number(step_dir: Path) -> int:
     if match is None:
         raise ValueError(f"{step_dir} is not a verl global_step_N directory")
     return int(match.group(1))
+
+
+def record_adapter_base(adapter_dir: Path, base_model: str) -> None:
+    """Write ``base_model_name_or_path`` into a merged ``lora_adapter/adapter_config.json``.
+
+    verl's merger leaves it out (the base weights sit one directory up), so PEFT loaders and the
+    registry would not know the base otherwise. An existing value is kept.
+    """
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if not config.get("base_model_name_or_path"):
+        config["base_model_name_or_path"] = base_model
+        path.write_text(json.dumps(config, indent=4))
 
 
 def merge_command(actor_dir: Path, target_dir: Path, *, python: str | None = None) -> list[str]:

@@ -1,0 +1,26 @@
+"""``agemem doctor``: what a run needs on this machine, one line per requirement, each miss with its fix."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.doctor import report, run_checks
+
+BackendOpt = Annotated[
+    Optional[str], typer.Option("--backend", "-b", help="'verl' or 'local' (default: settings train.backend).")
+]
+
+
+def doctor(backend: BackendOpt = None, profile: ProfileOpt = None, sets: SetOpt = None) -> None:
+    """Check GPUs, packages, model, disk, Milvus, MLflow, keys and Ray for a run; exit 1 when one is missing."""
+    configure_logging()
+    if backend is not None and backend not in ("verl", "local"):
+        raise typer.BadParameter(f"backend must be 'verl' or 'local', got {backend!r}", param_hint="--backend")
+    settings = settings_from_cli(profile, sets, **{"train.backend": backend})
+    checks = run_checks(settings, settings.train.backend)
+    typer.echo(report(checks))
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
