@@ -29,7 +29,7 @@ from agemem.reward.score import score_episode
 from agemem.settings import Settings
 from agemem.train import checkpoint as ckpt
 from agemem.train.local import load_train_episodes, trainable_policy
-from agemem.train.models import model_card_lines, resolve_device
+from agemem.train.models import load_tokenizer, model_card_lines, resolve_device
 from agemem.train.run import WARM_START_REPORT as REPORT_FILE
 from agemem.train.run import TrainResult, warm_start_hash
 
@@ -181,6 +181,18 @@ def _save(root: Path, policy: Any, settings: Settings, report: WarmStartReport) 
     return model_dir
 
 
+def _save_report(root: Path, trained: Path, settings: Settings, report: WarmStartReport) -> Path:
+    """verl's merged SFT model becomes ``root/model`` beside the report."""
+    model_dir = root / "model"
+    if model_dir.exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
+    Path(trained).rename(model_dir)
+    (root / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
+    return model_dir
+
+
 def _result(settings: Settings, model_dir: Path, report: dict[str, Any]) -> TrainResult:
     return TrainResult(backend="local", checkpoint_dir=model_dir, model_dir=model_dir, adapter_dir=None,
                        steps=int(sum(e.get("sft/batches", 0) for e in report.get("epochs", []))),
@@ -201,8 +213,11 @@ def warm_start(settings: Settings, episodes_path: Path) -> TrainResult:
     torch.manual_seed(settings.train.seed)
     device = resolve_device(settings.train.device)
     episodes = load_train_episodes(episodes_path)[: settings.warm_start.episodes]
-    policy = trainable_policy(settings, device, reference=False)
-    trajectories = asyncio.run(collect(settings, episodes, policy.tokenizer))
+    on_verl = settings.train.backend == "verl"
+    # On GPUs verl's SFT trainer holds the model; teacher trajectories need only the policy's tokenizer.
+    policy = None if on_verl else trainable_policy(settings, device, reference=False)
+    tokenizer = load_tokenizer(settings) if policy is None else policy.tokenizer
+    trajectories = asyncio.run(collect(settings, episodes, tokenizer))
     kept = select(trajectories, settings)
     cfg = settings.warm_start
     metric = [t.value(cfg.keep_metric) for t in trajectories]
@@ -213,14 +228,20 @@ def warm_start(settings: Settings, episodes_path: Path) -> TrainResult:
                            f"{cfg.min_score} (best {max(metric, default=float('nan')):.3f}); lower "
                            "warm_start.min_score or use another teacher")
     items = _items(kept)
-    history = fit(policy.model, items, settings, device)
+    history = [] if policy is None else fit(policy.model, items, settings, device)
     report = WarmStartReport(
         teacher=cfg.teacher if cfg.teacher == "llm" else f"scripted ({cfg.style})", episodes=len(episodes),
         trajectories=len(trajectories), kept=len(kept), keep_metric=cfg.keep_metric, min_score=cfg.min_score,
         mean_score_all=statistics.fmean(metric), mean_score_kept=statistics.fmean(t.value(cfg.keep_metric) for t in kept),
         model_tokens=sum(it.num_tokens for it in items), epochs=history, seconds=time.perf_counter() - started,
     )
-    model_dir = _save(root, policy, settings, report)
+    if policy is None:
+        from agemem.train.verl.sft import train_sft_verl  # verl: only on GPU machines
+
+        trained = train_sft_verl(settings, kept, root / "verl")
+        model_dir = _save_report(root, trained, settings, report)
+    else:
+        model_dir = _save(root, policy, settings, report)
     logger.info("warm start: %d epochs on %d model tokens in %.1fs -> %s", cfg.epochs, report.model_tokens,
                 report.seconds, model_dir)
     return _result(settings, model_dir, asdict(report))

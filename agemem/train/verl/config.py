@@ -246,8 +246,9 @@ def verl_config_dir() -> Path:
     return Path(verl.__file__).resolve().parent / "trainer" / "config"
 
 
-def compose(overrides: list[str]) -> Any:
-    """Compose verl's ``ppo_trainer`` with ``overrides`` (raises on an unknown key or bad value).
+def compose(overrides: list[str], config_name: str = "ppo_trainer") -> Any:
+    """Compose verl's ``config_name`` (``ppo_trainer``, ``sft_trainer_engine``) with ``overrides``
+    (raises on an unknown key or bad value).
 
     Returns the composed ``DictConfig``. Uses Hydra's compose API, so nothing is launched.
     """
@@ -258,7 +259,7 @@ def compose(overrides: list[str]) -> Any:
     # A previous compose in this process leaves Hydra initialised; compose is re-entrant only after clear().
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(verl_config_dir()), version_base=None):
-        cfg = hydra_compose(config_name="ppo_trainer", overrides=list(overrides))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     return cfg
 
 

@@ -11,9 +11,15 @@ its prompt are trained again (the local trainer trains each model turn once).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from agemem.settings import offline_env
+from agemem.train.verl.config import compose
+from agemem.train.verl.launch import resolve_model, stream
+from agemem.train.verl.merge import latest_verl_step_dir, merge_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -76,4 +82,36 @@ def sft_command(overrides: list[str], *, nproc_per_node: int) -> list[str]:
             "-m", "verl.trainer.sft_trainer", *overrides]
 
 
-__all__ = ["sft_command", "sft_overrides", "sft_rows", "write_sft_parquet"]
+def merged_model(step_dir: Path, target: Path) -> Path:
+    """verl's merger on an SFT checkpoint, LoRA folded into the weights: the model GRPO starts from."""
+    merged = merge_checkpoint(step_dir, target.with_name(target.name + "-merger"))
+    adapter = merged / "lora_adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        return merged
+    from peft import PeftModel  # GPU machines: the warm-started policy is one plain HF model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(merged)), str(adapter))
+    model.merge_and_unload().save_pretrained(target)
+    AutoTokenizer.from_pretrained(str(merged)).save_pretrained(target)
+    return target
+
+
+def train_sft_verl(settings: Any, kept: Sequence[Any], work: Path, *, sink: Any = None) -> Path:
+    """The warm start on GPUs: export ``kept``, run verl's SFT trainer, return the merged HF model."""
+    sink = sink or (lambda line: logger.info("verl sft | %s", line))
+    data = write_sft_parquet(kept, work / "sft.parquet")
+    model_path, _ = resolve_model(settings, download=True)
+    overrides = sft_overrides(settings, data, model_path or settings.train.model, work / "checkpoints")
+    compose(overrides, config_name="sft_trainer_engine")  # a bad key fails here, not on the GPUs
+    cmd = sft_command(overrides, nproc_per_node=max(1, settings.train.n_gpus_per_node))
+    code = stream(cmd, env={**os.environ, **offline_env()}, sink=sink)
+    if code != 0:
+        raise RuntimeError(f"verl SFT trainer failed with exit code {code} (command: {' '.join(cmd[:6])} ...)")
+    step_dir = latest_verl_step_dir(work / "checkpoints")
+    if step_dir is None:
+        raise RuntimeError(f"verl SFT trainer wrote no global_step_* under {work / 'checkpoints'}")
+    return merged_model(step_dir, work / "model")
+
+
+__all__ = ["merged_model", "sft_command", "sft_overrides", "sft_rows", "train_sft_verl", "write_sft_parquet"]
