@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, VerboseOpt, command, settings_from_cli
 from agemem.data.prepare import episodes_path as episodes_path_for_settings
 from agemem.train.run import run as run_training
 
@@ -24,6 +24,7 @@ EpisodesOpt = Annotated[
 RunIdOpt = Annotated[Optional[str], typer.Option("--mlflow-run-id", help="Attach metrics to this MLflow run.")]
 
 
+@command
 def train(
     backend: BackendOpt = None,
     dry_run: DryRunOpt = False,
@@ -31,11 +32,11 @@ def train(
     profile: ProfileOpt = None,
     sets: SetOpt = None,
     mlflow_run_id: RunIdOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """GRPO training with verl or the local trainer."""
-    configure_logging()
     if backend is not None and backend not in ("verl", "local"):
-        raise typer.BadParameter(f"backend must be 'verl' or 'local', got {backend!r}", param_hint="--backend")
+        raise ValueError(f"--backend must be 'verl' or 'local', got {backend!r}")
     settings = settings_from_cli(profile, sets, **{"train.backend": backend})
     episodes_path = episodes or episodes_path_for_settings(settings)
     if settings.train.backend == "verl" and dry_run:
@@ -57,8 +58,8 @@ def train(
                                "train": settings.train.model_dump(mode="json")}, indent=2))
         return
     if not episodes_path.exists():
-        raise typer.BadParameter(f"episodes file {episodes_path} does not exist (run `agemem data prepare` first)",
-                                 param_hint="--episodes")
+        raise FileNotFoundError(f"--episodes: {episodes_path} does not exist (run `agemem data prepare` and "
+                                "`agemem data distractors` first)")
     try:
         result = run_training(settings, episodes_path, mlflow_run_id=mlflow_run_id)
     except RuntimeError as exc:

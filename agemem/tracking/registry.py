@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from agemem.digests import update_with_file
 from agemem.tracking.runs import configure, finite_metrics
+from agemem.tracking.uris import resolve_model_uri
 from agemem.train.models import is_tiny
 
 if TYPE_CHECKING:
@@ -253,20 +254,8 @@ def resolve_alias(settings: "Settings", alias: str = CHAMPION) -> tuple[str, Pat
 
     The returned directory is the merged model when one was logged, else the adapter.
     """
-    import mlflow
-
-    client = configure(settings)
-    name = settings.tracking.registered_model
-    version = _alias_version(client, name, alias)
-    if version is None:
-        raise LookupError(f"registered model {name!r} has no alias {alias!r} in {settings.tracking_uri}")
-    dest = settings.runs_dir / "registry" / f"{name}-v{version.version}"
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(dest)))
-    arts = local / "artifacts"
-    for candidate in (arts / "model", arts / "adapter"):
-        if candidate.is_dir():
-            return str(version.version), candidate
-    raise FileNotFoundError(f"{local} holds neither artifacts/model nor artifacts/adapter")
+    resolved = resolve_model_uri(settings, f"models:/{settings.tracking.registered_model}@{alias}")
+    return str(resolved.version), resolved.path
 
 
 __all__ = [

@@ -42,7 +42,7 @@ from agemem.train.models import (
     resolve_device,
 )
 from agemem.train.metrics import step_metrics, trajectory_metrics
-from agemem.train.run import TrainResult, config_hash
+from agemem.train.run import TrainResult, claim_checkpoint_root, config_hash, local_checkpoint_root
 from agemem.train.token_server import LocalTokenServer
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Rollout:
 def output_root(settings: Settings) -> Path:
     """``<train.output_dir>/local/<config hash>``: checkpoints belong to one training configuration,
     so a run with another seed, learning rate or LoRA rank starts fresh instead of resuming this one."""
-    return settings.path(settings.train.output_dir) / "local" / config_hash(settings)
+    return local_checkpoint_root(settings)
 
 
 def batch_indices(num_episodes: int, step: int, batch: int, seed: int) -> list[int]:
@@ -126,6 +126,7 @@ class LocalTrainer:
         self.failed: list[dict[str, Any]] = []
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.train.lr)
         self.state = ckpt.TrainerState()
+        claim_checkpoint_root(self.root, settings)
         latest = ckpt.latest_checkpoint(self.root)
         if latest is not None:
             self.state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, device=self.device)
@@ -304,15 +305,12 @@ class LocalTrainer:
         latest = ckpt.latest_checkpoint(self.root)
         if latest is None:
             raise RuntimeError(f"no checkpoint written under {self.root}")
-        adapter = latest / "adapter"
-        model_dir = latest / "model"
-        # The HF model of a LoRA run is written on the final step; earlier steps carry the adapter.
-        has_model = (model_dir / "config.json").is_file()
+        model_dir, adapter_dir = ckpt.policy_dirs(latest)
         return TrainResult(
             backend="local",
-            checkpoint_dir=model_dir if has_model else latest,
-            model_dir=model_dir if has_model else None,
-            adapter_dir=adapter if adapter.is_dir() else None,
+            checkpoint_dir=model_dir or latest,
+            model_dir=model_dir,
+            adapter_dir=adapter_dir,
             steps=self.state.step,
             history=list(self.state.history),
             config_hash=config_hash(self.settings),

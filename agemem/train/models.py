@@ -29,6 +29,27 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 
+#: The short label every number about a random-weight model carries (reports, artifacts, tags, logs).
+RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS"
+
+
+def has_random_weights(model_or_dir: Any) -> bool:
+    """Whether a loaded model, or a saved model / adapter directory, holds the tiny random model.
+
+    Saved models carry ``agemem_random_weights`` in ``config.json``; an adapter of the tiny model
+    records no base (it was built from a config, not loaded from a name or path).
+    """
+    if not isinstance(model_or_dir, (str, Path)):
+        return bool(getattr(getattr(model_or_dir, "config", None), "agemem_random_weights", False))
+    folder = Path(model_or_dir)
+    if (folder / "config.json").is_file():
+        return bool(json.loads((folder / "config.json").read_text()).get("agemem_random_weights"))
+    if (folder / "adapter_config.json").is_file():
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return base is None or is_tiny(str(base))
+    return False
+
+
 def resolve_device(setting: str) -> str:
     """``train.device``: ``auto`` is CUDA when torch sees a GPU, else the CPU."""
     import torch

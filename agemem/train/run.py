@@ -98,6 +98,61 @@ def inputs_hash(settings: "Settings") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class CheckpointConfigError(ValueError):
+    """A checkpoint directory holds another training configuration than the settings ask for."""
+
+
+#: Written beside the local trainer's step directories: the settings that shaped those checkpoints.
+CONFIG_FILE = "train_config.json"
+
+
+def local_checkpoint_root(settings: "Settings") -> Path:
+    """``<train.output_dir>/local/<config hash>``: the local trainer's checkpoints of this configuration."""
+    return settings.path(settings.train.output_dir) / "local" / config_hash(settings)
+
+
+def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key} {old!r} -> {new!r}")
+    return out
+
+
+def claim_checkpoint_root(root: Path, settings: "Settings") -> None:
+    """Record which configuration ``root``'s checkpoints belong to, or refuse a different one.
+
+    The directory name is already the configuration's hash; the stored copy guards against what a
+    name cannot (a folder copied or renamed by hand, a change of what the hash covers).
+    """
+    current = json.loads(json.dumps(_shaping(settings), default=str))
+    path = Path(root) / CONFIG_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        changed = _differences(stored, current)
+        if changed:
+            raise CheckpointConfigError(
+                f"checkpoints in {root} were trained with another configuration ({'; '.join(changed[:3])}); "
+                f"resuming them would mix two runs: delete {root} or set train.output_dir to a new folder")
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def newest_local_policy(settings: "Settings") -> Path | None:
+    """What evaluation loads from the newest local checkpoint of this configuration (None: none yet)."""
+    from agemem.train.checkpoint import latest_checkpoint, policy_dirs  # torch: only when asked
+
+    latest = latest_checkpoint(local_checkpoint_root(settings))
+    if latest is None:
+        return None
+    model_dir, adapter_dir = policy_dirs(latest)
+    return model_dir or adapter_dir
+
+
 def run(settings: "Settings", episodes_path: Path, *, mlflow_run_id: str | None = None) -> TrainResult:
     """Train (or resume) with ``train.backend`` on the train split of ``episodes_path``."""
     if settings.train.backend == "verl":
@@ -110,4 +165,15 @@ def run(settings: "Settings", episodes_path: Path, *, mlflow_run_id: str | None 
     return train_local(settings, Path(episodes_path), mlflow_run_id=mlflow_run_id)
 
 
-__all__ = ["NOT_SHAPING_TRAINING", "TrainResult", "config_hash", "inputs_hash", "run"]
+__all__ = [
+    "CONFIG_FILE",
+    "NOT_SHAPING_TRAINING",
+    "CheckpointConfigError",
+    "TrainResult",
+    "claim_checkpoint_root",
+    "config_hash",
+    "inputs_hash",
+    "local_checkpoint_root",
+    "newest_local_policy",
+    "run",
+]
