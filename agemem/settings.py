@@ -309,6 +309,11 @@ class TrackingSettings(_Section):
     registered_model: str = Field("agemem-policy", description="Registered model every trained policy goes to.")
     gate_metric: str = Field("judge_score", description="Eval aggregate the champion gate compares (J).")
     gate_min_delta: float = Field(0.0, description="The candidate must beat the champion by more than this.")
+    crown_random_weights: bool = Field(
+        False,
+        description="Let the champion gate crown a random-weight model (the smoke profile's tiny-random-qwen2); "
+        "off: such a version stays candidate only.",
+    )
     log_merged_model: bool | None = Field(
         None, description="Also log the merged HF model; None = only when the base model cannot be reloaded by name."
     )

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agemem.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 #: Train settings that do not change what is learned step by step: where and how often it is saved,
 #: how long it runs (a longer run resumes a shorter one), threads and device, labels.
@@ -142,6 +146,17 @@ def claim_checkpoint_root(root: Path, settings: "Settings") -> None:
     path.write_text(json.dumps(current, indent=2, sort_keys=True), encoding="utf-8")
 
 
+def set_aside_checkpoints(settings: "Settings") -> Path | None:
+    """Move this configuration's local checkpoints aside (``--force``: train from step 0, lose nothing)."""
+    root = local_checkpoint_root(settings)
+    if not root.exists():
+        return None
+    dest = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    root.rename(dest)
+    logger.info("--force: previous checkpoints of this configuration moved to %s; training from step 0", dest)
+    return dest
+
+
 def newest_local_policy(settings: "Settings") -> Path | None:
     """What evaluation loads from the newest local checkpoint of this configuration (None: none yet)."""
     from agemem.train.checkpoint import latest_checkpoint, policy_dirs  # torch: only when asked
@@ -176,4 +191,5 @@ __all__ = [
     "local_checkpoint_root",
     "newest_local_policy",
     "run",
+    "set_aside_checkpoints",
 ]
