@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 
 #: Progress bars of steps that take milliseconds on a smoke run (loading 27 tensors, converting a
 #: 535-record JSON file, copying three artifacts). ``--verbose`` (or setting the variable) keeps them.
@@ -55,6 +54,7 @@ _GRPC_FILTER = _DropMatching("Method not implemented")
 # MLflow warns on every python_model object that CloudPickle serialises it; agemem's pyfunc class
 # is our own code, logged into our own registry, so the warning tells the user nothing to do.
 _PYFUNC_FILTER = _DropMatching("serialized using CloudPickle")
+_PREDICT_HINT_FILTER = _DropMatching("Add type hints to the `predict` method")
 
 
 def _has(logger: logging.Logger, flt: logging.Filter) -> bool:
@@ -67,9 +67,14 @@ def quiet_third_party(verbose: bool = False) -> None:
         logger = logging.getLogger(name)
         if not _has(logger, flt):
             logger.addFilter(flt)
-    # MLflow's hint to add type hints to PythonModel.predict (the registry's pyfunc model takes a
-    # DataFrame or a list of prompts on purpose), printed with raw ANSI colour codes.
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
+    # MLflow's hint to add type hints to PythonModel.predict, printed with raw ANSI colour codes. It
+    # is raised inside log_model's own catch_warnings("once"), which overrides warnings filters, so
+    # warnings go through logging (py.warnings) and the hint is dropped there. The registry's pyfunc
+    # model takes a DataFrame or a list of prompts on purpose.
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not _has(warnings_logger, _PREDICT_HINT_FILTER):
+        warnings_logger.addFilter(_PREDICT_HINT_FILTER)
     if verbose:
         return
     for name in _INFO_CHATTER:

@@ -39,6 +39,8 @@ def pipeline(
     settings = settings_from_cli(profile, sets, **{"train.backend": backend})
     check_pipeline_inputs(settings)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's ephemeral API gets 20 s to start; a busy 2-core machine has been seen to need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.pipeline import agemem_pipeline
 
     result = agemem_pipeline(profile=settings.profile, overrides=list(sets or []), backend=backend, force=force)
