@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 #: Progress bars of steps that take milliseconds on a smoke run (loading 27 tensors, converting a
 #: 535-record JSON file, copying three artifacts). ``--verbose`` (or setting the variable) keeps them.
@@ -98,4 +99,20 @@ def _disable_loaded_progress_bars() -> None:
         datasets.disable_progress_bars()
 
 
-__all__ = ["quiet_third_party"]
+class LogProgress:
+    """A progress callback ``(done, total)`` that logs ``what: done/total`` at most every ``every_s``
+    seconds, plus the last item: progress of long work (rollouts, evaluation, judge calls) where no
+    terminal shows a bar, e.g. in the Prefect UI's logs."""
+
+    def __init__(self, logger: logging.Logger, what: str, every_s: float = 10.0) -> None:
+        self.logger, self.what, self.every_s = logger, what, every_s
+        self._last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - self._last >= self.every_s:
+            self._last = now
+            self.logger.info("%s: %d/%d", self.what, done, total)
+
+
+__all__ = ["LogProgress", "quiet_third_party"]

@@ -21,6 +21,7 @@ from agemem.data.distractors import EPISODES_STATS, synth_settings_hash, synthes
 from agemem.data.episodes_io import read_json
 from agemem.data.hotpot import resolve_source
 from agemem.data.prepare import SCRIPTS_STATS, input_hash, prepare_scripts, scripts_path
+from agemem.logs import LogProgress
 from flows.common import OUTSIDE_RETRIES, Profile, cache_policy, load, mark_cached, md_table, run_cached, stage
 
 DATA_STATS_KEY = "agemem-data-stats"
@@ -47,7 +48,8 @@ def prepare_scripts_task(settings: Any, files: list[str], force: bool = False) -
 )
 def synthesize_task(settings: Any, scripts: str, force: bool = False) -> dict[str, Any]:
     """Fill the stage-2 distractor slots (offline or LLM) and write ``episodes.jsonl``."""
-    path = synthesize(settings, Path(scripts), force=force)
+    path = synthesize(settings, Path(scripts), force=force,
+                      progress=LogProgress(get_run_logger(), "episodes with distractors"))
     return {"episodes": str(path), "stats": read_json(path.with_name(EPISODES_STATS)) or {}}
 
 

@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 from agemem import tracking
 from agemem.data.prepare import episodes_path
 from agemem.eval.report import render_markdown
+from agemem.logs import LogProgress
 from agemem.eval.runner import ROWS_FILE, TRANSCRIPTS_DIR
 from agemem.eval.runner import evaluate as run_evaluation
 from flows.common import OUTSIDE_RETRIES, Profile, artifact_link, load, png_data_uri, stage
@@ -43,7 +44,8 @@ def evaluate_task(settings: Any, episodes: str, model_path: str | None = None,
     newest checkpoint of the current training configuration).
     """
     result = run_evaluation(settings, Path(episodes), model_path=model_path,
-                            output_dir=Path(output_dir) if output_dir else None)
+                            output_dir=Path(output_dir) if output_dir else None,
+                            progress=LogProgress(get_run_logger(), "questions evaluated (episode + judge)"))
     return {"aggregates": result.aggregates, "report": str(result.report_path), "plot": str(result.plot_path),
             "rows": str(result.output_dir / ROWS_FILE), "output_dir": str(result.output_dir), "label": result.label,
             "random_weights": result.random_weights, "meta": result.meta, "title": result.title}

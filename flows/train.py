@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from agemem import tracking
 from agemem.data.prepare import episodes_path
+from agemem.logs import LogProgress
 from agemem.train.curve import write_curve_plot
 from agemem.train.models import RANDOM_WEIGHTS_LABEL, is_tiny
 from agemem.train.run import config_hash, inputs_hash, set_aside_checkpoints
@@ -53,7 +54,13 @@ def train_task(settings: Any, episodes: str, mlflow_run_id: str | None = None, f
     """
     if force and settings.train.backend == "local":
         set_aside_checkpoints(settings)
-    return run_training(settings, Path(episodes), mlflow_run_id=mlflow_run_id).as_dict()
+    logger, total = get_run_logger(), settings.train.total_steps
+    steps: dict[int, LogProgress] = {}
+
+    def progress(step: int, done: int, of: int) -> None:
+        steps.setdefault(step, LogProgress(logger, f"step {step}/{total}: rollouts finished"))(done, of)
+
+    return run_training(settings, Path(episodes), mlflow_run_id=mlflow_run_id, progress=progress).as_dict()
 
 
 def curve_markdown(history: list[dict[str, Any]], *, backend: str, cached: bool, banner: list[str] | None = None,

@@ -132,3 +132,10 @@ def test_config_keys_lists_every_key_with_its_description() -> None:
     assert all(setting_keys().values())  # every field is described
     text = CliRunner().invoke(app, ["config", "keys"]).output
     assert "tracking.crown_random_weights" in text and "train.lr " in text
+
+
+def test_the_infra_scripts_variables_are_not_taken_for_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """infra/prefect/worker.sh exports AGEMEM_PROJECT_DIR; a flow run on that worker inherits it."""
+    monkeypatch.setenv("AGEMEM_PROJECT_DIR", "/srv/agemem")
+    monkeypatch.setenv("AGEMEM_WORK_POOL", "agemem-process")
+    assert load_settings("smoke").profile == "smoke"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from agemem.cli.common import ProfileOpt, SetOpt, VerboseOpt, command, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, VerboseOpt, command, progress_bar, settings_from_cli
 from agemem.data.prepare import episodes_path as episodes_path_for_settings
 from agemem.train.run import run as run_training
 
@@ -60,8 +60,17 @@ def train(
     if not episodes_path.exists():
         raise FileNotFoundError(f"--episodes: {episodes_path} does not exist (run `agemem data prepare` and "
                                 "`agemem data distractors` first)")
+    bars: dict[int, Any] = {}
+
+    def progress(step: int, done: int, total: int) -> None:
+        bar = bars.setdefault(step, progress_bar(f"step {step}/{settings.train.total_steps} rollouts", "rollout",
+                                                 total))
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
     try:
-        result = run_training(settings, episodes_path, mlflow_run_id=mlflow_run_id)
+        result = run_training(settings, episodes_path, mlflow_run_id=mlflow_run_id, progress=progress)
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -19,7 +19,13 @@ from agemem.agent.scripted import ScriptedChatPolicy
 from agemem.llm import LLMClient, build_backend
 from agemem.settings import LLMSettings
 from agemem.tracking.uris import is_model_uri, resolve_model_uri
-from agemem.train.models import RANDOM_WEIGHTS_LABEL, has_random_weights, load_policy_model, load_tokenizer, resolve_device
+from agemem.train.models import (
+    RANDOM_WEIGHTS_LABEL,
+    has_random_weights,
+    load_policy_model,
+    load_tokenizer,
+    resolve_device,
+)
 from agemem.train.run import local_checkpoint_root, newest_local_policy
 
 if TYPE_CHECKING:

@@ -42,7 +42,13 @@ from agemem.train.models import (
     resolve_device,
 )
 from agemem.train.metrics import step_metrics, trajectory_metrics
-from agemem.train.run import TrainResult, claim_checkpoint_root, config_hash, local_checkpoint_root
+from agemem.train.run import (
+    RolloutProgress,
+    TrainResult,
+    claim_checkpoint_root,
+    config_hash,
+    local_checkpoint_root,
+)
 from agemem.train.token_server import LocalTokenServer
 
 logger = logging.getLogger(__name__)
@@ -102,12 +108,14 @@ def wrap_lora(model: Any, settings: Settings) -> Any:
 class LocalTrainer:
     """Holds the model, optimiser, engine and token server for one training run."""
 
-    def __init__(self, settings: Settings, episodes: list[EpisodeScript], *, mlflow_run_id: str | None = None):
+    def __init__(self, settings: Settings, episodes: list[EpisodeScript], *, mlflow_run_id: str | None = None,
+                 progress: RolloutProgress | None = None):
         import torch
 
         self.settings = settings
         self.episodes = episodes
         self.mlflow_run_id = mlflow_run_id
+        self.progress = progress
         torch.set_num_threads(settings.train.torch_threads)
         self.device = resolve_device(settings.train.device)
         self.root = output_root(settings)
@@ -143,10 +151,19 @@ class LocalTrainer:
         """``rollouts_per_prompt`` trajectories per script, concurrently; a trajectory that raises is
         logged as failed with its reason and left out of the update (never an exception out of the step)."""
 
+        finished = 0
+
         async def one(script: EpisodeScript, k: int) -> Rollout:
+            nonlocal finished
             trajectory_id = f"{script.episode_id}-s{step}-r{k}-{uuid.uuid4().hex[:8]}"
-            result = await engine.run_tokens(script, self.server, request_id=trajectory_id)
-            return Rollout(script, f"{script.episode_id}#{step}", trajectory_id, result, score_episode(result, script))
+            try:
+                result = await engine.run_tokens(script, self.server, request_id=trajectory_id)
+                return Rollout(script, f"{script.episode_id}#{step}", trajectory_id, result,
+                               score_episode(result, script))
+            finally:
+                finished += 1
+                if self.progress is not None:
+                    self.progress(step, finished, len(jobs))
 
         n = self.settings.train.rollouts_per_prompt
         jobs = [(script, k) for script in scripts for k in range(n)]
@@ -317,10 +334,14 @@ class LocalTrainer:
         )
 
 
-def train_local(settings: Settings, episodes_path: Path, *, mlflow_run_id: str | None = None) -> TrainResult:
-    """Run (or resume) local GRPO training up to ``settings.train.total_steps``."""
+def train_local(settings: Settings, episodes_path: Path, *, mlflow_run_id: str | None = None,
+                progress: RolloutProgress | None = None) -> TrainResult:
+    """Run (or resume) local GRPO training up to ``settings.train.total_steps``.
+
+    ``progress(step, finished, total)`` is called as each rollout of a step finishes.
+    """
     episodes = load_train_episodes(Path(episodes_path))
-    trainer = LocalTrainer(settings, episodes, mlflow_run_id=mlflow_run_id)
+    trainer = LocalTrainer(settings, episodes, mlflow_run_id=mlflow_run_id, progress=progress)
     trainer.rewrite_metrics()
     if trainer.state.step >= settings.train.total_steps:
         logger.info("already at step %d >= total_steps %d; nothing to do", trainer.state.step,

@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from agemem.settings import Settings
@@ -36,6 +36,9 @@ SHAPING_FIELDS: dict[str, tuple[str, ...]] = {
     "memory": ("embedding_model", "default_top_k", "max_top_k"),
 }
 _HASH_VERSION = 1
+
+#: ``progress(step, finished, total)``: rollouts of the current training step that have finished.
+RolloutProgress = Callable[[int, int, int], None]
 
 
 @dataclass
@@ -168,8 +171,13 @@ def newest_local_policy(settings: "Settings") -> Path | None:
     return model_dir or adapter_dir
 
 
-def run(settings: "Settings", episodes_path: Path, *, mlflow_run_id: str | None = None) -> TrainResult:
-    """Train (or resume) with ``train.backend`` on the train split of ``episodes_path``."""
+def run(settings: "Settings", episodes_path: Path, *, mlflow_run_id: str | None = None,
+        progress: RolloutProgress | None = None) -> TrainResult:
+    """Train (or resume) with ``train.backend`` on the train split of ``episodes_path``.
+
+    ``progress(step, finished, total)``: rollouts finished in the current step (local trainer; verl
+    reports its own progress).
+    """
     if settings.train.backend == "verl":
         from agemem.train.verl.launch import train_verl
 
@@ -177,13 +185,14 @@ def run(settings: "Settings", episodes_path: Path, *, mlflow_run_id: str | None 
     # The local trainer imports torch, transformers and peft: only when it is the one asked for.
     from agemem.train.local import train_local
 
-    return train_local(settings, Path(episodes_path), mlflow_run_id=mlflow_run_id)
+    return train_local(settings, Path(episodes_path), mlflow_run_id=mlflow_run_id, progress=progress)
 
 
 __all__ = [
     "CONFIG_FILE",
     "NOT_SHAPING_TRAINING",
     "CheckpointConfigError",
+    "RolloutProgress",
     "TrainResult",
     "claim_checkpoint_root",
     "config_hash",

@@ -2,9 +2,9 @@
 # Start a Prefect server on loopback: API + UI at http://127.0.0.1:4200 (database under PREFECT_HOME,
 # ~/.prefect by default). Extra arguments go to `prefect server start` (e.g. --port 4300); the
 # defaults come from Prefect's own PREFECT_SERVER_API_HOST / PREFECT_SERVER_API_PORT.
+# worker.sh and deploy.sh wait until it answers, so all three can be started one after another.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-PREFECT="${PREFECT:-$ROOT/.venv/bin/prefect}"
+source "$(dirname "$0")/common.sh"
 export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
 # Loopback by default: the API has no authentication. Expose it on purpose (--host 0.0.0.0).
 export PREFECT_SERVER_API_HOST="${PREFECT_SERVER_API_HOST:-127.0.0.1}"
