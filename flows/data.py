@@ -142,9 +142,9 @@ def synthesize_distractors(profile: Profile = "smoke", overrides: list[str] | No
         logger.info("episodes: %s (%s)", out["episodes"], "cached: not redone" if cached else "built")
         tracking.log_metrics(settings, run_id, _numeric(out["stats"], "data."))
         mark_cached(settings, run_id, cached)
-    body = stats_markdown(f"Episodes with distractors: {out['episodes']}",
+    body = stats_markdown(f"Episodes from {settings.data.source}, with distractors",
                           [("scripts", _load_stats(Path(src))), ("episodes", out["stats"])])
-    artifact = create_markdown_artifact(body, key=DATA_STATS_KEY, description="Episodes with distractors")
+    artifact = create_markdown_artifact(body, key=DATA_STATS_KEY, description=f"Episodes: {out['episodes']}")
     return {**out, "cached": cached, "artifact_id": str(artifact)}
 
 

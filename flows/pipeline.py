@@ -117,6 +117,7 @@ def _result(settings: Settings, parent: str, stages: dict[str, dict], timings: d
         "cached": {k: stages[k]["cached"] for k in ("prepare_data", "synthesize_distractors", "train")},
         "timings": timings,
         "artifacts": {name: stage["artifact_id"] for name, stage in stages.items()},
+        "train_flow_run_id": trained.get("flow_run_id"),
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from agemem import tracking
 from agemem.data.prepare import episodes_path
@@ -144,7 +145,7 @@ def train(profile: Profile = "smoke", overrides: list[str] | None = None, backen
     body = curve_markdown(out["history"], backend=settings.train.backend, cached=cached,
                           banner=random_weights_banner(settings), plot=image)
     artifact = create_markdown_artifact(body, key=TRAINING_CURVE_KEY, description=f"GRPO reward and loss per step{label}")
-    return {**out, "cached": cached, "artifact_id": str(artifact)}
+    return {**out, "cached": cached, "artifact_id": str(artifact), "flow_run_id": str(flow_run.id or "")}
 
 
 __all__ = ["TRAINING_CURVE_KEY", "curve_markdown", "train", "train_task"]

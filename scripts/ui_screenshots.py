@@ -2,9 +2,10 @@
 evaluation report) and the MLflow registered model version and train run, in headless Chromium.
 
 Starts a Prefect server and an MLflow server on free loopback ports with a temporary home, runs
-``agemem pipeline --profile smoke`` against both, and writes PNGs to ``--out`` (default
-``runs/screenshots``). Needs Chromium (Debian: ``apt-get install chromium``); about four minutes
-on 2 cores. Everything it starts is stopped when it ends.
+``agemem pipeline --profile smoke`` against both, and writes full-page PNGs to ``--out`` (default
+``runs/screenshots``), driving Chromium over its DevTools protocol (``websockets``, already a
+dependency of uvicorn) to click the flow run's tabs. Needs Chromium (Debian: ``apt-get install
+chromium``); about five minutes on 2 cores. Everything it starts is stopped when it ends.
 
     .venv/bin/python scripts/ui_screenshots.py --out runs/screenshots
 """
@@ -12,6 +13,7 @@ on 2 cores. Everything it starts is stopped when it ends.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--window-size=1440,1300"]
+                  "--hide-scrollbars", "--window-size=1440,1100"]
 
 
 def free_port() -> int:
@@ -66,12 +68,77 @@ def service(argv: list[str], env: dict[str, str], log: Path, health: str, timeou
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def screenshot(chromium: str, url: str, path: Path, wait_ms: int = 12000) -> Path:
-    """One page as a PNG; ``wait_ms`` of virtual time lets the single-page apps fetch and render."""
+class Page:
+    """One headless Chromium tab driven over the DevTools protocol (navigate, click, full-page PNG)."""
+
+    def __init__(self, ws_url: str) -> None:
+        from websockets.sync.client import connect
+
+        self.ws = connect(ws_url, max_size=None, open_timeout=30)
+        self.next_id = 0
+
+    def send(self, method: str, **params: object) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=120))
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def evaluate(self, expression: str) -> object:
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+
+#: Clicks the first tab/button/link whose own text is exactly the argument (the Prefect UI's tabs
+#: do not follow a ?tab= query while the run loads).
+_CLICK = """(text => { const el = [...document.querySelectorAll('button, a, [role=tab], li, span')]
+  .find(e => e.textContent.trim() === text); if (el) { el.click(); return true; } return false; })"""
+#: The tallest scrolling box: the UIs scroll an inner element, not the document.
+_HEIGHT = "Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))"
+
+
+@contextmanager
+def browser(chromium: str) -> Iterator[Page]:
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="agemem-chromium-") as profile:
-        subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={wait_ms}",
-                        f"--screenshot={path}", url], check=True, capture_output=True, timeout=180)
-    print(f"{path}  <- {url}")
+        proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--remote-debugging-port={port}",
+                                 f"--user-data-dir={profile}", "about:blank"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    tabs = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2))
+                    ws_url = next(t["webSocketDebuggerUrl"] for t in tabs if t.get("type") == "page")
+                    break
+                except (OSError, StopIteration, ValueError):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("chromium's DevTools endpoint did not come up") from None
+                    time.sleep(0.5)
+            page = Page(ws_url)
+            page.send("Page.enable")
+            yield page
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+
+
+def screenshot(page: Page, url: str, path: Path, *, click: str | None = None, settle_s: float = 8.0) -> Path:
+    """``url`` as a full-page PNG, after clicking the element whose text is ``click``."""
+    page.send("Emulation.setDeviceMetricsOverride", width=1440, height=1100, deviceScaleFactor=1, mobile=False)
+    page.send("Page.navigate", url=url)
+    time.sleep(settle_s)
+    if click is not None and not page.evaluate(f"{_CLICK}({json.dumps(click)})"):
+        raise RuntimeError(f"{url}: nothing to click labelled {click!r}")
+    time.sleep(3 if click else 0)
+    height = min(max(int(page.evaluate(_HEIGHT) or 1100), 1100), 8000)
+    page.send("Emulation.setDeviceMetricsOverride", width=1440, height=height, deviceScaleFactor=1, mobile=False)
+    time.sleep(1.5)
+    shot = page.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    path.write_bytes(base64.b64decode(shot["data"]))
+    print(f"{path}  <- {url}" + (f" (clicked {click!r})" if click else ""))
     return path
 
 
@@ -97,9 +164,11 @@ def main() -> None:
     env.update({"PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "MLFLOW_ENABLE_TELEMETRY": "false"})
     with ExitStack() as stack:
+        # The port goes in the environment, not --port: the UI takes its API address from it.
         stack.enter_context(service(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-            env, home / "prefect.log", f"{prefect}/api/health"))
+            [str(BIN / "prefect"), "server", "start"],
+            {**env, "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(prefect_port)},
+            home / "prefect.log", f"{prefect}/api/health"))
         stack.enter_context(service(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
              "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination",
@@ -107,18 +176,21 @@ def main() -> None:
         result = run_pipeline({**env, "PREFECT_API_URL": f"{prefect}/api", "MLFLOW_TRACKING_URI": mlflow},
                               home / "runs")
         run, model = result["flow_run_id"], result["model"]
-        shots = {
-            "prefect-run-artifacts": f"{prefect}/runs/flow-run/{run}?tab=Artifacts",
-            "prefect-run-logs": f"{prefect}/runs/flow-run/{run}?tab=Logs",
-            "prefect-summary-artifact": f"{prefect}/artifacts/artifact/{result['summary_artifact_id']}",
-            "prefect-eval-report": f"{prefect}/artifacts/artifact/{result['artifacts']['evaluate']}",
-            "prefect-training-curve": f"{prefect}/artifacts/artifact/{result['artifacts']['train']}",
-            "prefect-data-stats": f"{prefect}/artifacts/artifact/{result['artifacts']['synthesize_distractors']}",
-            "mlflow-model-version": f"{mlflow}/#/models/{model['name']}/versions/{model['version']}",
-            "mlflow-pipeline-run": result["mlflow_run"],
-        }
-        for name, url in shots.items():
-            screenshot(args.chromium, url, args.out / f"{name}.png")
+        shots = [
+            ("prefect-run-artifacts", f"{prefect}/runs/flow-run/{run}", "Artifacts"),
+            ("prefect-run-logs", f"{prefect}/runs/flow-run/{run}", "Logs"),
+            ("prefect-train-logs", f"{prefect}/runs/flow-run/{result['train_flow_run_id']}", "Logs"),
+            ("prefect-summary-artifact", f"{prefect}/artifacts/artifact/{result['summary_artifact_id']}", None),
+            ("prefect-eval-report", f"{prefect}/artifacts/artifact/{result['artifacts']['evaluate']}", None),
+            ("prefect-training-curve", f"{prefect}/artifacts/artifact/{result['artifacts']['train']}", None),
+            ("prefect-data-stats", f"{prefect}/artifacts/artifact/{result['artifacts']['synthesize_distractors']}",
+             None),
+            ("mlflow-model-version", f"{mlflow}/#/models/{model['name']}/versions/{model['version']}", None),
+            ("mlflow-pipeline-run", result["mlflow_run"], None),
+        ]
+        with browser(args.chromium) as page:
+            for name, url, click in shots:
+                screenshot(page, url, args.out / f"{name}.png", click=click)
     print(f"screenshots in {args.out}; servers' logs and stores in {home}")
 
 

@@ -116,6 +116,16 @@ async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, mod
     return rows, handle
 
 
+def _short(label: str, keep: int = 3) -> str:
+    """A policy label for a title: a long checkpoint path keeps its last parts (the report's
+    settings table has it whole)."""
+    head, sep, path = label.partition(":")
+    parts = Path(path.split(" [")[0]).parts if sep else ()
+    if len(parts) <= keep + 1:
+        return label
+    return f"{head}:.../{'/'.join(parts[-keep:])}" + label[len(head) + 1 + len(path.split(' [')[0]):]
+
+
 def transcript_name(row: dict[str, Any]) -> str:
     """``transcripts/<episode id>.md``, relative to the evaluation's output directory."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(row.get("episode_id") or "episode"))
@@ -185,7 +195,7 @@ def evaluate(
     }
     if handle.random_weights:
         meta["weights"] = RANDOM_WEIGHTS_NOTE
-    title = f"AgeMem evaluation: {label}"
+    title = f"AgeMem evaluation: {_short(label)}"
     report, plot = write_outputs(Path(out), rows, aggregates, title=title, meta=meta)
     logger.info("evaluated %d questions of %s: J=%.3f EM=%.3f F1=%.3f MQ=%.3f -> %s", len(rows), label,
                 aggregates.get("judge_score", 0), aggregates.get("em", 0), aggregates.get("f1", 0),

@@ -110,6 +110,27 @@ def _check_prefect(first: dict[str, Any]) -> None:
     assert any(name == "agemem.train.models" and "RANDOM WEIGHTS" in msg for name, msg in messages)
 
 
+def _check_eval_command(overrides: list[str], first: dict[str, Any]) -> None:
+    """Issue 14.6: ``agemem eval`` right after the pipeline evaluates the newest checkpoint of the same
+    configuration, and takes a registry URI wherever it takes a model."""
+    from typer.testing import CliRunner
+
+    from agemem.cli import app
+
+    sets = [arg for pair in overrides for arg in ("--set", pair)]
+    newest = CliRunner().invoke(app, ["eval", "--profile", "smoke", "--json", *sets])
+    assert newest.exit_code == 0, newest.output
+    shown = json.loads(newest.output[newest.output.index("{"):])
+    assert shown["policy"] == f"checkpoint:{first['checkpoint']} [RANDOM WEIGHTS]" and shown["random_weights"]
+    registered = CliRunner().invoke(app, ["eval", "--profile", "smoke", "--json", *sets,
+                                          "--model", "models:/agemem-policy@candidate"])
+    assert registered.exit_code == 0, registered.output
+    shown = json.loads(registered.output[registered.output.index("{"):])
+    assert shown["policy"] == "models:/agemem-policy@candidate (v1) [RANDOM WEIGHTS]" and shown["n"] == 2.0
+    missing = CliRunner().invoke(app, ["eval", "--profile", "smoke", *sets, "--model", "models:/agemem-policy@nope"])
+    assert missing.exit_code == 2 and "has no alias 'nope'" in missing.output
+
+
 def test_pipeline_registers_evaluates_publishes_and_reuses_cache(prefect_harness, tiny_pipeline_overrides,
                                                                  runs_dir: Path, caplog) -> None:
     from flows.evaluate import CHAMPION_REPORT_KEY, evaluate_champion
@@ -135,6 +156,7 @@ def test_pipeline_registers_evaluates_publishes_and_reuses_cache(prefect_harness
     client = MlflowClient(settings.tracking_uri)
     _check_mlflow(client, first)
     _check_prefect(first)
+    _check_eval_command(tiny_pipeline_overrides, first)
 
     # Unchanged inputs: the data steps and training come from the cache (files untouched). Asked to,
     # the gate crowns the random-weight version.
