@@ -370,6 +370,11 @@ class TrackingSettings(_Section):
     registered_model: str = Field("agemem-policy", description="Registered model every trained policy goes to.")
     gate_metric: str = Field("judge_score", description="Eval aggregate the champion gate compares (J).")
     gate_min_delta: float = Field(0.0, description="The candidate must beat the champion by more than this.")
+    crown_random_weights: bool = Field(
+        False,
+        description="Let the champion gate crown a random-weight model (the smoke profile's tiny-random-qwen2); "
+        "off: such a version stays candidate only.",
+    )
     log_merged_model: bool | None = Field(
         None, description="Also log the merged HF model; None = only when the base model cannot be reloaded by name."
     )
@@ -653,12 +658,19 @@ def _unknown_key_error(key: str, origin: str) -> str:
     return f"unknown setting '{key}' ({origin}){suggestion}"
 
 
+#: ``AGEMEM_*`` variables that are not settings: the infra/prefect scripts' own knobs (the checkout a
+#: deployment runs in, the work pool, how long to wait for the server). A flow run inherits them.
+NOT_SETTINGS = frozenset({"AGEMEM_PROJECT_DIR", "AGEMEM_WORK_POOL", "AGEMEM_PREFECT_WAIT_S"})
+
+
 def check_keys(overrides: dict[str, Any]) -> None:
     """Refuse unknown keys from flags, ``AGEMEM_*`` env vars and ``.env``, naming the closest key."""
     known = setting_keys()
     problems = [_unknown_key_error(k, "--set") for k in _flat(overrides) if k not in known]
     for origin, names in (("env", list(os.environ)), (".env", list(_dotenv_values()))):
         for name in names:
+            if name.upper() in NOT_SETTINGS:
+                continue
             key = _env_key(name)
             if key is not None and key not in known:
                 problems.append(_unknown_key_error(key, f"{origin} {name}"))
@@ -722,6 +734,7 @@ def offline_env() -> dict[str, str]:
 
 
 __all__ = [
+    "NOT_SETTINGS",
     "SECTIONS",
     "check_keys",
     "explain_settings",

@@ -12,21 +12,27 @@ under ``tracking.prefect_results_dir``, so a later process (a re-run after a cra
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 from prefect.cache_policies import INPUTS, CachePolicy
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 
 from agemem import tracking
-from agemem.eval.report import markdown_table
-from agemem.settings import Settings, load_settings
 from agemem.digests import update_with_file
+from agemem.eval.report import markdown_table
+from agemem.logs import quiet_third_party
+from agemem.settings import Settings, load_settings
+from agemem.train.models import RANDOM_WEIGHTS_NOTE, has_random_weights
 
 if TYPE_CHECKING:
     from prefect import Task
@@ -47,8 +53,37 @@ TRAIN_RETRIES: dict[str, Any] = {
     "retry_jitter_factor": 0.5,
 }
 
+#: The profiles a deployment's ``profile`` parameter accepts: a Literal, so the server's parameter
+#: schema refuses anything else (enforce_parameter_schema) and the UI's run form offers a choice.
+Profile = Literal["smoke", "paper"]
+
+
+class _RunLogHandler(APILogHandler):
+    """Prefect's API log handler, for records logged inside a flow or task run only (else silent)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        super().emit(record)
+
+
+def route_library_logs() -> None:
+    """Send the ``agemem`` library's log records (training steps, resume, warnings) to the Prefect run
+    they happen in, so its Logs tab shows them; quiet harmless third-party noise. Idempotent."""
+    quiet_third_party()
+    library = logging.getLogger("agemem")
+    if not any(isinstance(h, _RunLogHandler) for h in library.handlers):
+        library.addHandler(_RunLogHandler())
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.INFO)  # a worker's root logger is at WARNING: keep the step lines
+
+
 def load(profile: str, overrides: Sequence[str] | None = None, **extra: str | None) -> "Settings":
-    """Settings from flow parameters; ``extra`` adds ``key=value`` pairs after the overrides."""
+    """Settings from flow parameters; ``extra`` adds ``key=value`` pairs after the overrides.
+
+    Also routes the library's logs to the current Prefect run (every flow starts here).
+    """
+    route_library_logs()
     pairs = list(overrides or [])
     pairs += [f"{key}={value}" for key, value in extra.items() if value is not None]
     settings = load_settings(profile, pairs)
@@ -138,13 +173,14 @@ def persisted(task: "Task", settings: "Settings", **options: Any) -> "Task":
     return task.with_options(persist_result=True, result_storage=results_dir(settings), **options)
 
 
-def run_cached(task: "Task", settings: "Settings", must_exist: Sequence[str], /, **kwargs: Any) -> tuple[Any, bool]:
+def run_cached(task: "Task", settings: "Settings", must_exist: Sequence[str], /, *, refresh: bool = False,
+               **kwargs: Any) -> tuple[Any, bool]:
     """Run a cached task; returns (result, whether it came from the cache).
 
     A cached result naming files that are gone (someone cleaned ``runs/``) is not trusted: the
-    task runs again with ``refresh_cache``.
+    task runs again with ``refresh_cache``. ``refresh`` (``--force``) ignores the cache from the start.
     """
-    state = persisted(task, settings)(**kwargs, return_state=True)
+    state = persisted(task, settings, refresh_cache=refresh or None)(**kwargs, return_state=True)
     result = state.result()
     cached = state.name == "Cached"
     if cached and not all(Path(str(result[key])).exists() for key in must_exist if result.get(key)):
@@ -179,19 +215,51 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return markdown_table(headers, rows)
 
 
+def png_data_uri(path: str | Path) -> str:
+    """A PNG as a ``data:`` URI: the Prefect UI shows it inside a markdown artifact, where a relative
+    ``plot.png`` (right beside ``report.md`` on disk) is a broken image."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def ui_link(path: str) -> str:
+    """A link into the Prefect UI: absolute when the UI's address is known, else relative to it
+    (a link inside an artifact resolves against the UI that shows it)."""
+    from prefect.settings import get_current_settings
+
+    base = get_current_settings().ui_url
+    return f"{str(base).rstrip('/')}{path}" if base else path
+
+
+def artifact_link(artifact_id: Any) -> str:
+    return ui_link(f"/artifacts/artifact/{artifact_id}")
+
+
+def random_weights_banner(settings: "Settings") -> list[str]:
+    """Markdown lines labelling numbers about the tiny random model (empty for any other model)."""
+    if not has_random_weights(settings.train.model):
+        return []
+    return [f"> **{RANDOM_WEIGHTS_NOTE}**", ""]
+
+
 __all__ = [
     "OUTSIDE_RETRIES",
     "TRAIN_RETRIES",
     "FileContents",
+    "Profile",
     "SettingsHash",
+    "artifact_link",
     "cache_policy",
     "file_digest",
     "load",
     "mark_cached",
     "md_table",
     "persisted",
+    "png_data_uri",
+    "random_weights_banner",
     "results_dir",
+    "route_library_logs",
     "run_cached",
     "stage",
     "timed",
+    "ui_link",
 ]

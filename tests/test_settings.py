@@ -80,3 +80,63 @@ def test_runs_dir_moves_every_default_path(tmp_path) -> None:
     assert s.path(s.data.output_dir) == tmp_path / "data"
     assert s.memory_uri == str(tmp_path / "memory.db")
     assert s.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("origin", ["flag", "env", ".env"])
+def test_a_misspelt_key_is_refused_with_a_suggestion(origin: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Issue 14.2: ``train.lrr`` inside a valid section used to be accepted silently."""
+    monkeypatch.chdir(tmp_path)
+    overrides: list[str] = []
+    if origin == "flag":
+        overrides = ["train.lrr=1e-5"]
+    elif origin == "env":
+        monkeypatch.setenv("AGEMEM_TRAIN__LRR", "3")
+    else:
+        (tmp_path / ".env").write_text("AGEMEM_TRAIN__LRR=3\n")
+    with pytest.raises(ValueError, match=r"unknown setting 'train\.lrr'.*did you mean 'train\.lr'"):
+        load_settings("smoke", overrides)
+
+
+def test_config_show_prints_values_with_their_source(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from agemem.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("AGEMEM_EVAL__LIMIT=3\n")
+    monkeypatch.setenv("AGEMEM_TRAIN__LR", "3e-5")
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-very-secret")
+    res = CliRunner().invoke(app, ["config", "show", "--profile", "smoke", "--set", "train.seed=7", "--json"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.output)
+    assert shown["train.seed"] == {"value": 7, "source": "flag"}
+    assert shown["train.lr"] == {"value": 3e-5, "source": "env"}
+    assert shown["eval.limit"] == {"value": 3, "source": ".env"}
+    assert shown["train.model"] == {"value": "tiny-random-qwen2", "source": "profile"}
+    assert shown["memory.port"] == {"value": 8765, "source": "default"}
+    assert shown["dashscope_api_key"]["source"] == "env" and "very-secret" not in res.output
+    text = CliRunner().invoke(app, ["config", "show"]).output
+    assert any(line.split()[:3] == ["train.lr", "3e-05", "env"] for line in text.splitlines()), text
+    bad = CliRunner().invoke(app, ["config", "show", "--set", "train.lrr=1"])
+    assert bad.exit_code == 2 and bad.output.strip() == (
+        "error: unknown setting 'train.lrr' (--set); did you mean 'train.lr'?")
+
+
+def test_config_keys_lists_every_key_with_its_description() -> None:
+    from typer.testing import CliRunner
+
+    from agemem.cli import app
+    from agemem.settings import setting_keys
+
+    res = CliRunner().invoke(app, ["config", "keys", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output) == setting_keys()
+    assert all(setting_keys().values())  # every field is described
+    text = CliRunner().invoke(app, ["config", "keys"]).output
+    assert "tracking.crown_random_weights" in text and "train.lr " in text
+
+
+def test_the_infra_scripts_variables_are_not_taken_for_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """infra/prefect/worker.sh exports AGEMEM_PROJECT_DIR; a flow run on that worker inherits it."""
+    monkeypatch.setenv("AGEMEM_PROJECT_DIR", "/srv/agemem")
+    monkeypatch.setenv("AGEMEM_WORK_POOL", "agemem-process")
+    assert load_settings("smoke").profile == "smoke"

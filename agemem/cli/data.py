@@ -7,35 +7,29 @@ from typing import Annotated
 import typer
 from tqdm import tqdm
 
-from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, VerboseOpt, command, new_app, progress_bar, settings_from_cli
 from agemem.data.distractors import EPISODES_STATS, synthesize
-from agemem.data.episodes_io import EpisodeFileError
-from agemem.data.hotpot import HotpotDataError
 from agemem.data.prepare import prepare_scripts
 
-app = typer.Typer(help="Prepare HotpotQA episodes and synthesize distractors.", no_args_is_help=True)
+app = new_app("Prepare HotpotQA episodes and synthesize distractors.")
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rebuild even if the outputs are up to date.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
 
 @app.command()
+@command
 def prepare(profile: ProfileOpt = None, set_: SetOpt = None, force: ForceOpt = False, verbose: VerboseOpt = False) -> None:
     """Load HotpotQA (data.source) and write scripts.jsonl + scripts.stats.json."""
-    configure_logging(verbose)
     settings = settings_from_cli(profile, set_)
     bars: dict[str, tqdm] = {}
 
     def progress(phase: str, n: int) -> None:
         if phase not in bars:
-            bars[phase] = tqdm(desc=phase, unit="rec", leave=True)
+            bars[phase] = progress_bar(phase, "rec")
         bars[phase].update(n)
 
     try:
         path = prepare_scripts(settings, force=force, progress=progress)
-    except (HotpotDataError, EpisodeFileError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     finally:
         for bar in bars.values():
             bar.close()
@@ -44,13 +38,13 @@ def prepare(profile: ProfileOpt = None, set_: SetOpt = None, force: ForceOpt = F
 
 
 @app.command()
+@command
 def distractors(
     profile: ProfileOpt = None, set_: SetOpt = None, force: ForceOpt = False, verbose: VerboseOpt = False
 ) -> None:
     """Fill stage-2 distractor slots (data.distractor_backend) and write episodes.jsonl (resumable)."""
-    configure_logging(verbose)
     settings = settings_from_cli(profile, set_)
-    bar = tqdm(desc="distractors", unit="ep")
+    bar = progress_bar("distractors", "ep")
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -59,9 +53,6 @@ def distractors(
 
     try:
         path = synthesize(settings, force=force, progress=progress)
-    except (HotpotDataError, EpisodeFileError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     finally:
         bar.close()
     typer.echo(f"episodes: {path}")

@@ -13,7 +13,7 @@ import typer
 from agemem.agent.episode import EpisodeEngine, EpisodeResult
 from agemem.agent.policy import LLMChatPolicy
 from agemem.agent.scripted import ScriptedTokenPolicy
-from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli, source_of
+from agemem.cli.common import JsonOpt, ProfileOpt, SetOpt, VerboseOpt, command, settings_from_cli, source_of
 from agemem.data.episodes_io import read_episodes
 from agemem.data.records import EpisodeScript
 from agemem.data.samples import sample_episode
@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 SCRIPTED_MIN_TURN_TOKENS = 1024
 
 
+@command
 def episode(
     index: Annotated[int, typer.Option("--index", "-i", help="Record (or episode) index to run.")] = 0,
     profile: ProfileOpt = None,
@@ -39,11 +40,10 @@ def episode(
         Optional[str], typer.Option("--policy-url", help="OpenAI-compatible endpoint for the policy (else scripted).")
     ] = None,
     policy_model: Annotated[str, typer.Option("--policy-model", help="Model name at --policy-url.")] = "default",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the statistics and reward as JSON.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run one three-stage episode and print its transcript and reward breakdown."""
-    configure_logging(verbose)
     extra: dict[str, object] = {}
     if policy_url is None and source_of("episode.max_turn_tokens", profile, sets) in ("default", "profile"):
         extra["episode.max_turn_tokens"] = SCRIPTED_MIN_TURN_TOKENS
@@ -72,12 +72,12 @@ def _load_script(settings: Settings, index: int, episodes: Path | None) -> Episo
     if episodes is not None:
         items = read_episodes(episodes)
         if not 0 <= index < len(items):
-            raise typer.BadParameter(f"--index {index} out of range: {episodes} has {len(items)} episodes")
+            raise ValueError(f"--index {index} out of range: {episodes} has {len(items)} episodes")
         return items[index]
     try:
         return sample_episode(settings, index)
     except IndexError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--index") from exc
+        raise ValueError(f"--index: {exc}") from exc
 
 
 async def _run(settings: Settings, script: EpisodeScript, policy_url: str | None,

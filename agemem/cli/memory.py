@@ -7,11 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, VerboseOpt, command, new_app, settings_from_cli
 
 logger = logging.getLogger(__name__)
 
 
+@command
 def serve_tools(
     host: Annotated[
         Optional[str], typer.Option("--host", help="Interface to bind (default memory.host = 127.0.0.1).")
@@ -19,27 +20,21 @@ def serve_tools(
     port: Annotated[Optional[int], typer.Option("--port", help="Port (default memory.port = 8765).")] = None,
     profile: ProfileOpt = None,
     sets: SetOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Serve the memory tools over HTTP; this process owns the Milvus store (memory.uri)."""
     # uvicorn, FastAPI and pymilvus load only when the server really starts (the CLI stays fast).
     import uvicorn
 
-    from agemem.memory.base import MemoryUnavailableError
     from agemem.memory.server import create_app
     from agemem.memory.service import MemoryService
 
-    configure_logging(verbose)
     settings = settings_from_cli(profile, sets, **{"memory.host": host, "memory.port": port})
     if settings.memory.embedding_threads:
         import torch
 
         torch.set_num_threads(settings.memory.embedding_threads)
-    try:
-        service = MemoryService.from_settings(settings)
-    except (MemoryUnavailableError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    service = MemoryService.from_settings(settings)
     app = create_app(service, settings)
     mem = settings.memory
     if mem.host not in ("127.0.0.1", "localhost", "::1") and mem.server_token is None:
@@ -52,7 +47,7 @@ def serve_tools(
 
 
 def main() -> None:
-    app = typer.Typer(add_completion=False)
+    app = new_app("Run the memory tool server.")
     app.command()(serve_tools)
     app()
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, VerboseOpt, command, progress_bar, settings_from_cli
 from agemem.doctor import PreflightError
 from agemem.data.prepare import episodes_path as episodes_path_for_settings
 from agemem.train.run import run as run_training
@@ -28,6 +28,7 @@ AlgoOpt = Annotated[
 ]
 
 
+@command
 def train(
     backend: BackendOpt = None,
     dry_run: DryRunOpt = False,
@@ -36,13 +37,13 @@ def train(
     sets: SetOpt = None,
     mlflow_run_id: RunIdOpt = None,
     algo: AlgoOpt = "grpo",
+    verbose: VerboseOpt = False,
 ) -> None:
     """GRPO training with verl or the local trainer, and the teacher warm start (SFT)."""
-    configure_logging()
     if algo not in ("grpo", "sft"):
-        raise typer.BadParameter(f"algo must be 'grpo' or 'sft', got {algo!r}", param_hint="--algo")
+        raise ValueError(f"--algo must be 'grpo' or 'sft', got {algo!r}")
     if backend is not None and backend not in ("verl", "local"):
-        raise typer.BadParameter(f"backend must be 'verl' or 'local', got {backend!r}", param_hint="--backend")
+        raise ValueError(f"--backend must be 'verl' or 'local', got {backend!r}")
     settings = settings_from_cli(profile, sets, **{"train.backend": backend})
     episodes_path = episodes or episodes_path_for_settings(settings)
     if settings.train.backend == "verl" and dry_run:
@@ -66,10 +67,20 @@ def train(
                                "train": settings.train.model_dump(mode="json")}, indent=2))
         return
     if not episodes_path.exists():
-        raise typer.BadParameter(f"episodes file {episodes_path} does not exist (run `agemem data prepare` first)",
-                                 param_hint="--episodes")
+        raise FileNotFoundError(f"--episodes: {episodes_path} does not exist (run `agemem data prepare` and "
+                                "`agemem data distractors` first)")
+    bars: dict[int, Any] = {}
+
+    def progress(step: int, done: int, total: int) -> None:
+        bar = bars.setdefault(step, progress_bar(f"step {step}/{settings.train.total_steps} rollouts", "rollout",
+                                                 total))
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
     try:
-        result = run_training(settings, episodes_path, algo=algo, mlflow_run_id=mlflow_run_id)  # type: ignore[arg-type]
+        result = run_training(settings, episodes_path, algo=algo, mlflow_run_id=mlflow_run_id,  # type: ignore[arg-type]
+                              progress=progress)
     except PreflightError as exc:  # verl: the doctor's report, not a traceback minutes into Ray start-up
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc

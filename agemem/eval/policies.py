@@ -18,7 +18,17 @@ from agemem.agent.policy import LLMChatPolicy
 from agemem.agent.scripted import ScriptedChatPolicy
 from agemem.llm import LLMClient, build_backend
 from agemem.settings import LLMSettings
-from agemem.train.models import gguf_source, is_tiny, load_policy_model, load_tokenizer, resolve_device
+from agemem.tracking.uris import is_model_uri, resolve_model_uri
+from agemem.train.models import (
+    RANDOM_WEIGHTS_LABEL,
+    gguf_source,
+    has_random_weights,
+    is_tiny,
+    load_policy_model,
+    load_tokenizer,
+    resolve_device,
+)
+from agemem.train.run import local_checkpoint_root, newest_local_policy
 
 if TYPE_CHECKING:
     from agemem.data.records import EpisodeScript
@@ -36,6 +46,7 @@ class PolicyHandle:
     tokenizer: Any | None
     label: str
     close: Callable[[], Any] | None = None
+    random_weights: bool = False
 
 
 def adapter_base_model(settings: "Settings", adapter_dir: Path) -> str:
@@ -90,23 +101,46 @@ def load_checkpoint_model(settings: "Settings", model_path: Path | str, device: 
     return model, tokenizer
 
 
-def build_policy(settings: "Settings", model_path: Path | None = None) -> PolicyHandle:
-    """The policy ``settings.eval.policy`` names; ``model_path`` overrides ``eval.model``."""
+def checkpoint_path(settings: "Settings", model: Path | str | None = None) -> tuple[Path, str]:
+    """The checkpoint an evaluation loads and how to name it: ``model`` (a directory or a ``models:/``
+    URI), else ``eval.model``, else the newest local checkpoint of the current training configuration."""
+    chosen = model if model is not None else settings.eval.model
+    if chosen is None:
+        newest = newest_local_policy(settings)
+        if newest is None:
+            raise FileNotFoundError(
+                f"no checkpoint of this training configuration under {local_checkpoint_root(settings)}: train "
+                "first (`agemem pipeline` or `agemem train`, same --profile/--set), or pass --model "
+                "<checkpoint dir> or --model models:/<name>@champion")
+        logger.info("evaluating the newest checkpoint of this configuration: %s", newest)
+        return newest, f"checkpoint:{newest}"
+    if is_base_source(chosen):
+        return Path(str(chosen)), f"base:{chosen}"
+    if is_model_uri(chosen):
+        resolved = resolve_model_uri(settings, str(chosen))
+        return resolved.path, f"{chosen} (v{resolved.version})" if resolved.version else str(chosen)
+    if not Path(chosen).exists():
+        raise FileNotFoundError(f"checkpoint {chosen} does not exist (give a model or adapter directory, or a "
+                                "models:/ URI)")
+    return Path(chosen), f"checkpoint:{chosen}"
+
+
+def build_policy(settings: "Settings", model_path: Path | str | None = None) -> PolicyHandle:
+    """The policy ``settings.eval.policy`` names; ``model_path`` (a directory or a ``models:/`` URI)
+    overrides ``eval.model``."""
     cfg = settings.eval
     if cfg.policy == "scripted":
         return PolicyHandle("chat", ScriptedChatPolicy, None, "scripted")
     if cfg.policy == "checkpoint":
         from agemem.train.token_server import LocalTokenServer  # torch: only for checkpoints
 
-        path = model_path or (Path(cfg.model) if cfg.model else None)
-        if path is None:
-            raise ValueError("eval.policy=checkpoint needs a model path (--model or eval.model)")
-        if not is_base_source(path) and not Path(path).exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        path, label = checkpoint_path(settings, model_path)
         device = resolve_device(settings.train.device)
         model, tokenizer = load_checkpoint_model(settings, path, device)
+        if has_random_weights(model):
+            label += f" [{RANDOM_WEIGHTS_LABEL}]"
         server = LocalTokenServer(model, tokenizer, device=device, default_max_tokens=settings.episode.max_turn_tokens)
-        return PolicyHandle("tokens", lambda script: server, tokenizer, f"checkpoint:{path}")
+        return PolicyHandle("tokens", lambda script: server, tokenizer, label, random_weights=has_random_weights(model))
     if not cfg.model:
         raise ValueError(f"eval.policy={cfg.policy} needs eval.model (the endpoint's model name)")
     if cfg.policy == "openai" and not cfg.base_url:
@@ -122,4 +156,4 @@ def build_policy(settings: "Settings", model_path: Path | None = None) -> Policy
     return PolicyHandle("chat", lambda script: policy, None, f"{cfg.policy}:{cfg.model}", close=client.aclose)
 
 
-__all__ = ["PolicyHandle", "adapter_base_model", "build_policy", "load_checkpoint_model"]
+__all__ = ["PolicyHandle", "adapter_base_model", "build_policy", "checkpoint_path", "load_checkpoint_model"]

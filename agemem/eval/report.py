@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
 _HEADLINE = (
+    ("n", "questions"),
     ("judge_score", "LLM-judge score J"),
     ("em", "exact match"),
     ("f1", "token F1"),
@@ -26,8 +27,9 @@ _HEADLINE = (
 
 
 def _fmt(value: Any) -> str:
+    # Whole numbers (counts, "n") print as integers; other floats with three decimals.
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.3f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
@@ -37,17 +39,40 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def _question_rows(rows: Sequence[Mapping[str, Any]], link: Callable[[Mapping[str, Any]], str | None] | None
+                   ) -> list[list[Any]]:
+    out = []
+    for r in rows:
+        target = link(r) if link else None
+        episode = f"[{r.get('episode_id')}]({target})" if target else r.get("episode_id")
+        judge = str(r.get("judge_source")) + (" (fallback)" if r.get("judge_fallback") else "") + (
+            f" ERROR: {r['error'][:80]}" if r.get("error") else "")
+        mq = r.get("memory_quality")
+        out.append([episode, (r.get("question") or "")[:100], r.get("judge_score"), r.get("em"), r.get("f1"),
+                    mq if mq is not None else "-", r.get("reward"), r.get("rounds"), r.get("tool_call_count"),
+                    r.get("format_errors"), judge, (r.get("prediction") or "")[:80], (r.get("gold_answer") or "")[:80]])
+    return out
+
+
 def render_markdown(
     aggregates: Mapping[str, float],
     rows: Sequence[Mapping[str, Any]],
     *,
     title: str,
     meta: Mapping[str, Any] | None = None,
-    plot_name: str | None = None,
+    plot: str | None = None,
+    link: Callable[[Mapping[str, Any]], str | None] | None = None,
     max_rows: int = 50,
 ) -> str:
-    """The report: settings summary, headline metrics, tokens per stage, tool mix, per-question table."""
+    """The report: settings summary, headline metrics, tokens per stage, tool mix, per-question table.
+
+    ``plot``: the image target (a file name beside the report, or a ``data:`` URI to embed it);
+    ``link``: a row's transcript link (the episode id links to it). A ``weights`` entry in ``meta``
+    (random weights) is repeated as a banner under the title.
+    """
     parts = [f"# {title}", ""]
+    if meta and meta.get("weights"):
+        parts += [f"> **{meta['weights']}**", ""]
     if meta:
         parts += [markdown_table(["setting", "value"], [[k, v] for k, v in meta.items()]), ""]
     parts += ["## Aggregates", "", markdown_table(
@@ -59,17 +84,12 @@ def render_markdown(
     tools = sorted((k.split(".", 1)[1], v) for k, v in aggregates.items() if k.startswith("tools."))
     if tools:
         parts += ["", "## Tool calls by name (mean per question)", "", markdown_table(["tool", "calls"], tools)]
-    if plot_name:
-        parts += ["", f"![distributions]({plot_name})"]
+    if plot:
+        parts += ["", f"![score distributions and tool use]({plot})"]
     shown = list(rows)[:max_rows]
-    parts += ["", f"## Per question ({len(shown)} of {len(rows)})", "", markdown_table(
-        ["episode", "J", "EM", "F1", "MQ", "reward", "rounds", "tools", "fmt err", "judge", "prediction", "gold"],
-        [[r.get("episode_id"), r.get("judge_score"), r.get("em"), r.get("f1"),
-          r.get("memory_quality") if r.get("memory_quality") is not None else "-", r.get("reward"),
-          r.get("rounds"), r.get("tool_call_count"), r.get("format_errors"),
-          r.get("judge_source") + (" (fallback)" if r.get("judge_fallback") else "") + (
-              f" ERROR: {r['error'][:80]}" if r.get("error") else ""),
-          (r.get("prediction") or "")[:80], (r.get("gold_answer") or "")[:80]] for r in shown])]
+    parts += ["", f"## Per question ({len(shown)} of {len(rows)}; the episode links to its transcript)", "",
+              markdown_table(["episode", "question", "J", "EM", "F1", "MQ", "reward", "rounds", "tools", "fmt err",
+                              "judge", "prediction", "gold"], _question_rows(shown, link))]
     return "\n".join(parts) + "\n"
 
 

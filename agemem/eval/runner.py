@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from agemem.agent.episode import EpisodeEngine
 from agemem.data.episodes_io import read_episodes
 from agemem.eval.metrics import aggregate, episode_row, error_row
-from agemem.eval.policies import build_policy
+from agemem.eval.policies import PolicyHandle, build_policy
 from agemem.eval.report import render_markdown, write_plot
 from agemem.reward.score import score_episode
+from agemem.train.models import RANDOM_WEIGHTS_NOTE
 
 if TYPE_CHECKING:
     from agemem.data.records import EpisodeScript
@@ -37,14 +39,23 @@ REPORT_FILE = "report.md"
 PLOT_FILE = "plot.png"
 
 
+TRANSCRIPTS_DIR = "transcripts"
+
+
 @dataclass
 class EvalResult:
+    """``label`` names the policy (``[RANDOM WEIGHTS]`` included when it is the tiny random model);
+    ``meta`` is the report's settings table; ``title`` its heading."""
+
     rows: list[dict[str, Any]]
     aggregates: dict[str, float]
     report_path: Path
     plot_path: Path
     output_dir: Path = field(default_factory=Path)
     label: str = ""
+    random_weights: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+    title: str = ""
 
 
 def select_episodes(settings: "Settings", episodes_path: Path) -> list["EpisodeScript"]:
@@ -67,9 +78,10 @@ def select_episodes(settings: "Settings", episodes_path: Path) -> list["EpisodeS
     return chosen
 
 
-async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, model_path: Path | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> tuple[list[dict[str, Any]], str]:
-    """Run every episode (``eval.concurrency`` at a time); returns rows in input order and the policy label."""
+async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, model_path: Path | str | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[list[dict[str, Any]], "PolicyHandle"]:
+    """Run every episode (``eval.concurrency`` at a time); returns rows in input order (each with its
+    ``transcript`` text) and the policy handle (label, random weights)."""
     handle = build_policy(settings, model_path)
     engine = EpisodeEngine.from_settings(settings, tokenizer=handle.tokenizer)
     gate = asyncio.Semaphore(settings.eval.concurrency)
@@ -89,6 +101,7 @@ async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, mod
                 row = error_row(script, f"{type(exc).__name__}: {exc}", split=script.split)
             else:
                 row = episode_row(result.extra_fields(), score_episode(result, script), split=script.split)
+                row["transcript"] = result.transcript_text()
             done += 1
             if progress:
                 progress(done, len(episodes))
@@ -100,19 +113,51 @@ async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, mod
         await engine.aclose()
         if handle.close is not None:
             await handle.close()
-    return rows, handle.label
+    return rows, handle
+
+
+def _short(label: str, keep: int = 3) -> str:
+    """A policy label for a title: a long checkpoint path keeps its last parts (the report's
+    settings table has it whole)."""
+    head, sep, path = label.partition(":")
+    parts = Path(path.split(" [")[0]).parts if sep else ()
+    if len(parts) <= keep + 1:
+        return label
+    return f"{head}:.../{'/'.join(parts[-keep:])}" + label[len(head) + 1 + len(path.split(' [')[0]):]
+
+
+def transcript_name(row: dict[str, Any]) -> str:
+    """``transcripts/<episode id>.md``, relative to the evaluation's output directory."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(row.get("episode_id") or "episode"))
+    return f"{TRANSCRIPTS_DIR}/{safe}.md"
+
+
+def _write_transcripts(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Each row's transcript to its own file (rows.jsonl keeps the file name, not the text)."""
+    for row in rows:
+        text = row.pop("transcript", None)
+        if text is None:
+            continue
+        name = transcript_name(row)
+        path = out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# Transcript: {row.get('episode_id')}\n\nQuestion: {row.get('question')}\n\n"
+                        f"```text\n{text}\n```\n", encoding="utf-8")
+        row["transcript_file"] = name
 
 
 def write_outputs(out_dir: Path, rows: list[dict[str, Any]], aggregates: dict[str, float], *, title: str,
                   meta: dict[str, Any]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    _write_transcripts(out_dir, rows)
     with (out_dir / ROWS_FILE).open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     (out_dir / AGGREGATES_FILE).write_text(json.dumps({"meta": meta, "aggregates": aggregates}, indent=2, default=str))
     plot = write_plot(aggregates, rows, out_dir / PLOT_FILE)
     report = out_dir / REPORT_FILE
-    report.write_text(render_markdown(aggregates, rows, title=title, meta=meta, plot_name=plot.name))
+    report.write_text(render_markdown(aggregates, rows, title=title, meta=meta, plot=plot.name,
+                                      link=lambda row: row.get("transcript_file")))
     return report, plot
 
 
@@ -120,7 +165,7 @@ def evaluate(
     settings: "Settings",
     episodes_path: Path,
     *,
-    model_path: Path | None = None,
+    model_path: Path | str | None = None,
     output_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
@@ -133,7 +178,8 @@ def evaluate(
         settings = settings.model_copy(update={"eval": settings.eval.model_copy(update={"policy": "checkpoint"})})
     episodes = select_episodes(settings, Path(episodes_path))
     started = time.perf_counter()
-    rows, label = asyncio.run(run_rows(settings, episodes, model_path=model_path, progress=progress))
+    rows, handle = asyncio.run(run_rows(settings, episodes, model_path=model_path, progress=progress))
+    label = handle.label
     aggregates = aggregate(rows)
     aggregates["eval_seconds"] = time.perf_counter() - started
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -147,11 +193,14 @@ def evaluate(
         "stage 2": settings.episode.enable_stage2,
         "max context tokens": settings.episode.max_context_tokens,
     }
-    report, plot = write_outputs(Path(out), rows, aggregates, title=f"AgeMem evaluation: {label}", meta=meta)
-    logger.info("evaluated %d questions: J=%.3f EM=%.3f F1=%.3f MQ=%.3f -> %s", len(rows),
+    if handle.random_weights:
+        meta["weights"] = RANDOM_WEIGHTS_NOTE
+    title = f"AgeMem evaluation: {_short(label)}"
+    report, plot = write_outputs(Path(out), rows, aggregates, title=title, meta=meta)
+    logger.info("evaluated %d questions of %s: J=%.3f EM=%.3f F1=%.3f MQ=%.3f -> %s", len(rows), label,
                 aggregates.get("judge_score", 0), aggregates.get("em", 0), aggregates.get("f1", 0),
                 aggregates.get("memory_quality", 0), report)
-    return EvalResult(rows, aggregates, report, plot, Path(out), label)
+    return EvalResult(rows, aggregates, report, plot, Path(out), label, handle.random_weights, meta, title)
 
 
-__all__ = ["EvalResult", "evaluate", "run_rows", "select_episodes"]
+__all__ = ["EvalResult", "evaluate", "run_rows", "select_episodes", "transcript_name"]

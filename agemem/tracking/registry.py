@@ -2,10 +2,12 @@
 
 Registration logs the LoRA adapter (plus the merged HF model when the base cannot be re-created by
 name, e.g. the tiny random smoke model) as a pyfunc model whose artifacts are those directories.
-Version tags carry the eval metrics and the adapter's content hash; the hash makes registration
-idempotent (same content -> the same version, nothing new). Alias ``candidate`` always points at
-the newest registered content; ``champion`` moves only when the candidate beats the current
-champion on ``tracking.gate_metric`` by more than ``tracking.gate_min_delta``.
+Version tags carry the headline eval metrics (the rest are metrics of the logged model), whether
+the weights are random, and the adapter's content hash; the hash makes registration idempotent
+(same content -> the same version, nothing new). Alias ``candidate`` always points at the newest
+registered content; ``champion`` moves only when the candidate beats the current champion on
+``tracking.gate_metric`` by more than ``tracking.gate_min_delta``, and never to a random-weight
+model unless ``tracking.crown_random_weights``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from agemem.digests import update_with_file
 from agemem.tracking.runs import configure, finite_metrics
-from agemem.train.models import is_random_weights
+from agemem.tracking.uris import resolve_model_uri
+from agemem.train.models import RANDOM_WEIGHTS_NOTE, has_random_weights
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -32,7 +36,11 @@ logger = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 HASH_TAG = "agemem.adapter_sha256"
+RANDOM_TAG = "agemem.random_weights"
 METRIC_TAG_PREFIX = "eval."
+#: Eval aggregates kept as version tags (the registry's list view shows tags; ~56 flooded it).
+#: The gate metric is always added; every aggregate is also logged as a metric of the version's model.
+TAGGED_METRICS = ("n", "judge_score", "em", "f1", "memory_quality")
 
 
 # -------------------------------------------------------------------------------- registration
@@ -65,6 +73,7 @@ class Registration:
     content_sha256: str
     model_uri: str
     tags: dict[str, str] = field(default_factory=dict)
+    random_weights: bool = False
 
 
 def _pyfunc_model() -> Any:
@@ -111,11 +120,31 @@ def _base_reloadable(settings: "Settings", adapter_dir: Path | None) -> bool:
     base = settings.train.model
     if adapter_dir is not None and (Path(adapter_dir) / "adapter_config.json").is_file():
         base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path") or base
-    return not is_random_weights(base) and not Path(base).expanduser().exists()
+    return not has_random_weights(base) and not Path(base).expanduser().exists()
 
 
-def _metric_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
-    return {f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in finite_metrics(metrics).items()}
+def _metric_tags(metrics: Mapping[str, Any], gate_metric: str) -> dict[str, str]:
+    keep = (*TAGGED_METRICS, gate_metric)
+    return {f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in finite_metrics(metrics).items() if k in keep}
+
+
+def _log_model_metrics(client: "MlflowClient", run_id: str | None, model_id: str | None,
+                       metrics: Mapping[str, Any]) -> None:
+    """Every eval aggregate as a metric of the logged model (shown on its page) and of the run."""
+    from mlflow.entities import Metric
+
+    if not run_id:
+        return
+    now = int(time.time() * 1000)
+    batch = [Metric(key=f"{METRIC_TAG_PREFIX}{k}", value=v, timestamp=now, step=0, model_id=model_id, run_id=run_id)
+             for k, v in finite_metrics(metrics).items()]
+    for start in range(0, len(batch), 1000):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=batch[start:start + 1000])
+
+
+def version_description(sha: str, random_weights: bool) -> str:
+    text = f"adapter sha256 {sha}"
+    return f"{RANDOM_WEIGHTS_NOTE} {text}" if random_weights else text
 
 
 def _gate_value(version: Any, metric: str) -> float | None:
@@ -145,6 +174,10 @@ def apply_gate(settings: "Settings", name: str, version: str) -> tuple[bool, str
     candidate = client.get_model_version(name, version)
     champion = _alias_version(client, name, CHAMPION)
     cand_value = _gate_value(candidate, metric)
+    if (candidate.tags or {}).get(RANDOM_TAG) == "true" and not settings.tracking.crown_random_weights:
+        return False, str(champion.version) if champion else None, (
+            f"version {version} has random weights ({settings.train.model}): not crowned champion; "
+            "set tracking.crown_random_weights=true to allow it")
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION, version)
         return True, None, f"no champion yet: version {version} becomes champion"
@@ -182,8 +215,8 @@ def registration_artifacts(settings: "Settings", adapter_dir: Path | None, model
 
 
 def _log_version(client: "MlflowClient", name: str, artifacts: dict[str, str], tags: dict[str, str],
-                 run_id: str | None) -> Any:
-    """Log the pyfunc model under ``run_id`` and create its version (alias ``candidate``)."""
+                 run_id: str | None, metrics: Mapping[str, Any]) -> Any:
+    """Log the pyfunc model under ``run_id``, its eval metrics, and create its version (alias ``candidate``)."""
     import mlflow
 
     with mlflow.start_run(run_id=run_id) if run_id else contextlib.nullcontext():
@@ -194,9 +227,10 @@ def _log_version(client: "MlflowClient", name: str, artifacts: dict[str, str], t
             # Explicit requirements: inference would import and probe the whole environment.
             pip_requirements=["agemem", "transformers", "peft", "torch"],
         )
+    _log_model_metrics(client, run_id, info.model_id, metrics)
     version = client.create_model_version(
         name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id,
-        description=f"adapter sha256 {tags[HASH_TAG]}",
+        description=version_description(tags[HASH_TAG], tags.get(RANDOM_TAG) == "true"),
     )
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     logger.info("registered %s v%s (%s)", name, version.version, info.model_uri)
@@ -215,7 +249,9 @@ def register_model(
 
     ``adapter_dir``: the LoRA adapter (``None`` for a full fine-tune, then ``model_dir`` is required).
     ``model_dir``: the merged HF model; logged when the base cannot be re-created by name (or no
-    adapter). ``metrics``: the eval aggregates, stored as version tags ``eval.<name>``.
+    adapter). ``metrics``: the eval aggregates: a few (:data:`TAGGED_METRICS` and the gate metric)
+    become version tags ``eval.<name>``, all of them metrics of the logged model and of ``run_id``.
+    A random-weight model is tagged ``agemem.random_weights=true`` and labelled in its description.
     ``run_id``: the run the model is logged under (the pipeline's register stage run).
     """
     from mlflow.exceptions import MlflowException
@@ -228,16 +264,18 @@ def register_model(
         client.create_registered_model(name, description="AgeMem policy (LoRA adapter / merged model).")
     except MlflowException:
         pass  # already exists
+    random = has_random_weights(settings.train.model) or any(has_random_weights(p) for p in artifacts.values())
+    tags = {HASH_TAG: sha, RANDOM_TAG: str(random).lower(), **_metric_tags(metrics, settings.tracking.gate_metric)}
     existing = client.search_model_versions(f"name='{name}' and tags.`{HASH_TAG}`='{sha}'")
     reused = bool(existing)
     if existing:
         version = max(existing, key=lambda v: int(v.version))
-        for key, value in _metric_tags(metrics).items():
+        for key, value in tags.items():
             if key not in (version.tags or {}):
                 client.set_model_version_tag(name, version.version, key, value)
         logger.info("model content %s already registered as %s v%s; reusing it", sha[:12], name, version.version)
     else:
-        version = _log_version(client, name, artifacts, {HASH_TAG: sha, **_metric_tags(metrics)}, run_id)
+        version = _log_version(client, name, artifacts, tags, run_id, metrics)
     moved, previous, gate = apply_gate(settings, name, str(version.version))
     current = client.get_model_version(name, str(version.version))
     return Registration(
@@ -251,6 +289,7 @@ def register_model(
         content_sha256=sha,
         model_uri=f"models:/{name}/{version.version}",
         tags=dict(current.tags or {}),
+        random_weights=(current.tags or {}).get(RANDOM_TAG) == "true",
     )
 
 
@@ -259,20 +298,8 @@ def resolve_alias(settings: "Settings", alias: str = CHAMPION) -> tuple[str, Pat
 
     The returned directory is the merged model when one was logged, else the adapter.
     """
-    import mlflow
-
-    client = configure(settings)
-    name = settings.tracking.registered_model
-    version = _alias_version(client, name, alias)
-    if version is None:
-        raise LookupError(f"registered model {name!r} has no alias {alias!r} in {settings.tracking_uri}")
-    dest = settings.runs_dir / "registry" / f"{name}-v{version.version}"
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(dest)))
-    arts = local / "artifacts"
-    for candidate in (arts / "model", arts / "adapter"):
-        if candidate.is_dir():
-            return str(version.version), candidate
-    raise FileNotFoundError(f"{local} holds neither artifacts/model nor artifacts/adapter")
+    resolved = resolve_model_uri(settings, f"models:/{settings.tracking.registered_model}@{alias}")
+    return str(resolved.version), resolved.path
 
 
 __all__ = [

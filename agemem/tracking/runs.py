@@ -173,7 +173,7 @@ def run_url(settings: "Settings", run_id: str) -> str:
     exp_id = client.get_run(run_id).info.experiment_id
     if uri.startswith("http"):
         return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
-    return f"run {run_id} in {uri} (browse: mlflow ui --backend-store-uri {uri})"
+    return f"run {run_id} in {uri}"
 
 
 __all__ = [

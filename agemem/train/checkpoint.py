@@ -52,6 +52,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def policy_dirs(directory: Path) -> tuple[Path | None, Path | None]:
+    """(HF model dir, LoRA adapter dir) of a step directory; either is None when not written.
+
+    A LoRA run writes the merged HF model on its final step only; earlier steps carry the adapter.
+    """
+    model_dir, adapter = Path(directory) / "model", Path(directory) / "adapter"
+    return (model_dir if (model_dir / "config.json").is_file() else None,
+            adapter if adapter.is_dir() else None)
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -36,7 +36,13 @@ from agemem.train import checkpoint as ckpt
 from agemem.train.alarms import CollapseMonitor
 from agemem.train.models import load_policy_model, load_tokenizer, model_card_lines, resolve_device
 from agemem.train.metrics import step_metrics, trajectory_metrics
-from agemem.train.run import TrainResult, config_hash
+from agemem.train.run import (
+    RolloutProgress,
+    TrainResult,
+    claim_checkpoint_root,
+    config_hash,
+    local_checkpoint_root,
+)
 from agemem.train.token_server import LocalTokenServer
 
 logger = logging.getLogger(__name__)
@@ -60,7 +66,7 @@ class Rollout:
 def output_root(settings: Settings) -> Path:
     """``<train.output_dir>/local/<config hash>``: checkpoints belong to one training configuration,
     so a run with another seed, learning rate or LoRA rank starts fresh instead of resuming this one."""
-    return settings.path(settings.train.output_dir) / "local" / config_hash(settings)
+    return local_checkpoint_root(settings)
 
 
 def batch_indices(num_episodes: int, step: int, batch: int, seed: int) -> list[int]:
@@ -118,12 +124,14 @@ def trainable_policy(settings: Settings, device: str, *, reference: bool) -> Tra
 class LocalTrainer:
     """Holds the model, optimiser, engine and token server for one training run."""
 
-    def __init__(self, settings: Settings, episodes: list[EpisodeScript], *, mlflow_run_id: str | None = None):
+    def __init__(self, settings: Settings, episodes: list[EpisodeScript], *, mlflow_run_id: str | None = None,
+                 progress: RolloutProgress | None = None):
         import torch
 
         self.settings = settings
         self.episodes = episodes
         self.mlflow_run_id = mlflow_run_id
+        self.progress = progress
         torch.set_num_threads(settings.train.torch_threads)
         self.device = resolve_device(settings.train.device)
         self.root = output_root(settings)
@@ -133,6 +141,7 @@ class LocalTrainer:
         self.failed: list[dict[str, Any]] = []
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.train.lr)
         self.state = ckpt.TrainerState()
+        claim_checkpoint_root(self.root, settings)
         latest = ckpt.latest_checkpoint(self.root)
         if latest is not None:
             self.state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, device=self.device)
@@ -149,10 +158,19 @@ class LocalTrainer:
         """``rollouts_per_prompt`` trajectories per script, concurrently; a trajectory that raises is
         logged as failed with its reason and left out of the update (never an exception out of the step)."""
 
+        finished = 0
+
         async def one(script: EpisodeScript, k: int) -> Rollout:
+            nonlocal finished
             trajectory_id = f"{script.episode_id}-s{step}-r{k}-{uuid.uuid4().hex[:8]}"
-            result = await engine.run_tokens(script, self.server, request_id=trajectory_id)
-            return Rollout(script, f"{script.episode_id}#{step}", trajectory_id, result, score_episode(result, script))
+            try:
+                result = await engine.run_tokens(script, self.server, request_id=trajectory_id)
+                return Rollout(script, f"{script.episode_id}#{step}", trajectory_id, result,
+                               score_episode(result, script))
+            finally:
+                finished += 1
+                if self.progress is not None:
+                    self.progress(step, finished, len(jobs))
 
         n = self.settings.train.rollouts_per_prompt
         jobs = [(script, k) for script in scripts for k in range(n)]
@@ -350,25 +368,26 @@ class LocalTrainer:
         latest = ckpt.latest_checkpoint(self.root)
         if latest is None:
             raise RuntimeError(f"no checkpoint written under {self.root}")
-        adapter = latest / "adapter"
-        model_dir = latest / "model"
-        # The HF model of a LoRA run is written on the final step; earlier steps carry the adapter.
-        has_model = (model_dir / "config.json").is_file()
+        model_dir, adapter_dir = ckpt.policy_dirs(latest)
         return TrainResult(
             backend="local",
-            checkpoint_dir=model_dir if has_model else latest,
-            model_dir=model_dir if has_model else None,
-            adapter_dir=adapter if adapter.is_dir() else None,
+            checkpoint_dir=model_dir or latest,
+            model_dir=model_dir,
+            adapter_dir=adapter_dir,
             steps=self.state.step,
             history=list(self.state.history),
             config_hash=config_hash(self.settings),
         )
 
 
-def train_local(settings: Settings, episodes_path: Path, *, mlflow_run_id: str | None = None) -> TrainResult:
-    """Run (or resume) local GRPO training up to ``settings.train.total_steps``."""
+def train_local(settings: Settings, episodes_path: Path, *, mlflow_run_id: str | None = None,
+                progress: RolloutProgress | None = None) -> TrainResult:
+    """Run (or resume) local GRPO training up to ``settings.train.total_steps``.
+
+    ``progress(step, finished, total)`` is called as each rollout of a step finishes.
+    """
     episodes = load_train_episodes(Path(episodes_path))
-    trainer = LocalTrainer(settings, episodes, mlflow_run_id=mlflow_run_id)
+    trainer = LocalTrainer(settings, episodes, mlflow_run_id=mlflow_run_id, progress=progress)
     trainer.rewrite_metrics()
     if trainer.state.step >= settings.train.total_steps:
         logger.info("already at step %d >= total_steps %d; nothing to do", trainer.state.step,

@@ -29,6 +29,34 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 
+#: The short label every number about a random-weight model carries (reports, artifacts, tags, logs).
+RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS"
+
+
+def has_random_weights(model_or_dir: Any) -> bool:
+    """Whether a loaded model, the tiny model's name, or a saved model / adapter directory started
+    from random weights (checkpoints and warm starts of the tiny model keep the label).
+
+    Saved models carry ``agemem_random_weights`` in ``config.json``; an adapter of the tiny model
+    records no base (it was built from a config, not loaded from a name or path), or a base that
+    carries the flag itself (a warm start of the tiny model).
+    """
+    if not isinstance(model_or_dir, (str, Path)):
+        return bool(getattr(getattr(model_or_dir, "config", None), "agemem_random_weights", False))
+    if is_tiny(str(model_or_dir)):
+        return True
+    folder = Path(model_or_dir).expanduser()
+    try:
+        if (folder / "config.json").is_file():
+            return bool(json.loads((folder / "config.json").read_text()).get("agemem_random_weights"))
+        if (folder / "adapter_config.json").is_file():
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            return base is None or has_random_weights(str(base))
+    except (OSError, ValueError):
+        return False
+    return False
+
+
 def resolve_device(setting: str) -> str:
     """``train.device``: ``auto`` is CUDA when torch sees a GPU, else the CPU."""
     import torch
@@ -163,22 +191,10 @@ def base_model_lines(model: str) -> list[str]:
     return lines
 
 
-def is_random_weights(model: str | Path) -> bool:
-    """Whether ``model`` started from random weights: the tiny model by name, or any saved model whose
-    config carries the flag (checkpoints and warm starts of the tiny model keep it)."""
-    if is_tiny(str(model)):
-        return True
-    config = Path(model).expanduser() / "config.json"
-    try:
-        return bool(json.loads(config.read_text()).get("agemem_random_weights")) if config.is_file() else False
-    except (OSError, ValueError):
-        return False
-
-
 def model_card_lines(model: str) -> list[str]:
     """Model-card lines naming the base model, with the random-weights label when it applies."""
     lines = base_model_lines(model)
-    if is_random_weights(model):
+    if has_random_weights(model):
         lines += ["", f"**{RANDOM_WEIGHTS_NOTE}**"]
     return lines
 

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:
     from agemem.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 #: Train settings that do not change what is learned step by step: where and how often it is saved,
 #: how long it runs (a longer run resumes a shorter one), threads and device, labels.
@@ -35,6 +39,9 @@ SHAPING_FIELDS: dict[str, tuple[str, ...]] = {
 _HASH_VERSION = 1
 #: The warm start's report (teacher, kept trajectories, SFT loss) beside its model directory.
 WARM_START_REPORT = "warm_start.json"
+
+#: ``progress(step, finished, total)``: rollouts of the current training step that have finished.
+RolloutProgress = Callable[[int, int, int], None]
 
 
 @dataclass
@@ -112,12 +119,80 @@ def warm_start_hash(settings: "Settings") -> str:
 Algo = Literal["grpo", "sft"]
 
 
-def run(settings: "Settings", episodes_path: Path, *, algo: Algo = "grpo",
-        mlflow_run_id: str | None = None) -> TrainResult:
+class CheckpointConfigError(ValueError):
+    """A checkpoint directory holds another training configuration than the settings ask for."""
+
+
+#: Written beside the local trainer's step directories: the settings that shaped those checkpoints.
+CONFIG_FILE = "train_config.json"
+
+
+def local_checkpoint_root(settings: "Settings") -> Path:
+    """``<train.output_dir>/local/<config hash>``: the local trainer's checkpoints of this configuration."""
+    return settings.path(settings.train.output_dir) / "local" / config_hash(settings)
+
+
+def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key} {old!r} -> {new!r}")
+    return out
+
+
+def claim_checkpoint_root(root: Path, settings: "Settings") -> None:
+    """Record which configuration ``root``'s checkpoints belong to, or refuse a different one.
+
+    The directory name is already the configuration's hash; the stored copy guards against what a
+    name cannot (a folder copied or renamed by hand, a change of what the hash covers).
+    """
+    current = json.loads(json.dumps(_shaping(settings), default=str))
+    path = Path(root) / CONFIG_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        changed = _differences(stored, current)
+        if changed:
+            raise CheckpointConfigError(
+                f"checkpoints in {root} were trained with another configuration ({'; '.join(changed[:3])}); "
+                f"resuming them would mix two runs: delete {root} or set train.output_dir to a new folder")
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def set_aside_checkpoints(settings: "Settings") -> Path | None:
+    """Move this configuration's local checkpoints aside (``--force``: train from step 0, lose nothing)."""
+    root = local_checkpoint_root(settings)
+    if not root.exists():
+        return None
+    dest = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    root.rename(dest)
+    logger.info("--force: previous checkpoints of this configuration moved to %s; training from step 0", dest)
+    return dest
+
+
+def newest_local_policy(settings: "Settings") -> Path | None:
+    """What evaluation loads from the newest local checkpoint of this configuration (None: none yet)."""
+    from agemem.train.checkpoint import latest_checkpoint, policy_dirs  # torch: only when asked
+
+    latest = latest_checkpoint(local_checkpoint_root(settings))
+    if latest is None:
+        return None
+    model_dir, adapter_dir = policy_dirs(latest)
+    return model_dir or adapter_dir
+
+
+def run(settings: "Settings", episodes_path: Path, *, algo: Algo = "grpo", mlflow_run_id: str | None = None,
+        progress: RolloutProgress | None = None) -> TrainResult:
     """Train (or resume) on the train split of ``episodes_path``.
 
     ``algo="sft"``: only the teacher warm start. ``"grpo"``: GRPO with ``train.backend``, after the
     warm start when ``warm_start.enabled`` (GRPO then starts from the warm-started model).
+    ``progress(step, finished, total)``: rollouts finished in the current step (local trainer; verl
+    reports its own progress).
     """
     if algo == "sft" or settings.warm_start.enabled:
         from agemem.train.sft import after_warm_start, warm_start  # torch: only when training locally
@@ -133,7 +208,23 @@ def run(settings: "Settings", episodes_path: Path, *, algo: Algo = "grpo",
     # The local trainer imports torch, transformers and peft: only when it is the one asked for.
     from agemem.train.local import train_local
 
-    return train_local(settings, Path(episodes_path), mlflow_run_id=mlflow_run_id)
+    return train_local(settings, Path(episodes_path), mlflow_run_id=mlflow_run_id, progress=progress)
 
 
-__all__ = ["NOT_SHAPING_TRAINING", "WARM_START_REPORT", "Algo", "TrainResult", "config_hash", "inputs_hash", "run", "warm_start_hash"]
+__all__ = [
+    "CONFIG_FILE",
+    "NOT_SHAPING_TRAINING",
+    "WARM_START_REPORT",
+    "Algo",
+    "CheckpointConfigError",
+    "RolloutProgress",
+    "TrainResult",
+    "claim_checkpoint_root",
+    "config_hash",
+    "inputs_hash",
+    "local_checkpoint_root",
+    "newest_local_policy",
+    "run",
+    "set_aside_checkpoints",
+    "warm_start_hash",
+]

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Start a Prefect server on loopback: API + UI at http://127.0.0.1:4200 (database under PREFECT_HOME,
-# ~/.prefect by default). Extra arguments go to `prefect server start` (e.g. --port 4300); the
-# defaults come from Prefect's own PREFECT_SERVER_API_HOST / PREFECT_SERVER_API_PORT.
+# ~/.prefect by default). Another port: PREFECT_SERVER_API_PORT=4300 infra/prefect/server.sh (not
+# --port: the UI takes the API's address from this variable, and would look for it on 4200).
+# Extra arguments go to `prefect server start`.
+# worker.sh and deploy.sh wait until it answers, so all three can be started one after another.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-PREFECT="${PREFECT:-$ROOT/.venv/bin/prefect}"
+source "$(dirname "$0")/common.sh"
 export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
 # Loopback by default: the API has no authentication. Expose it on purpose (--host 0.0.0.0).
 export PREFECT_SERVER_API_HOST="${PREFECT_SERVER_API_HOST:-127.0.0.1}"

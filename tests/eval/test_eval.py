@@ -87,8 +87,14 @@ def test_scripted_evaluation_writes_rows_aggregates_report_and_plot(eval_setting
     assert saved["meta"]["policy"] == "scripted"
     report = result.report_path.read_text()
     assert "## Aggregates" in report and "## Tool calls by name" in report and "Add_memory" in report
-    assert "## Prompt tokens per stage" in report and "![distributions](plot.png)" in report
-    assert all(r["episode_id"] in report for r in result.rows)
+    assert "## Prompt tokens per stage" in report and "](plot.png)" in report
+    # Each question is shown with its text and links to its transcript file.
+    assert "| episode | question |" in report
+    for r in result.rows:
+        assert f"[{r['episode_id']}]({r['transcript_file']})" in report and r["question"][:100] in report
+        transcript = (out / r["transcript_file"]).read_text()
+        assert r["question"] in transcript and "Add_memory" in transcript
+    assert "| questions | 3 |" in report  # counts print as integers, not 3.000
     assert result.plot_path.read_bytes()[:8] == PNG_MAGIC
 
 
@@ -124,7 +130,10 @@ def test_tiny_checkpoint_policy(eval_settings, eval_episodes, tiny_adapter, tmp_
     })
     model_dir = materialise_tiny_model(settings, tmp_path / "tiny")
     result = evaluate(settings, eval_episodes, model_path=model_dir, output_dir=tmp_path / "ckpt-eval")
-    assert result.label == f"checkpoint:{model_dir}"
+    # The random-weight label follows the model into the result and the report.
+    assert result.label == f"checkpoint:{model_dir} [RANDOM WEIGHTS]" and result.random_weights
+    report = result.report_path.read_text()
+    assert "RANDOM WEIGHTS" in report.splitlines()[0] and "not a trained language model" in report
     assert len(result.rows) == 2 and all(r["error"] is None for r in result.rows)
     # Random weights do not speak the tool protocol: format errors, no answer, J = 0.
     assert result.aggregates["format_errors"] > 0 and result.aggregates["answered_rate"] == 0.0
@@ -157,9 +166,12 @@ def test_eval_cli(eval_settings, eval_episodes, tmp_path) -> None:
 
     missing = runner.invoke(app, ["eval", "--policy", "scripted", "--episodes", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+    # No checkpoint of this configuration yet: one line saying what to pass.
     bad = runner.invoke(app, ["eval", "--policy", "checkpoint", "--episodes", str(eval_episodes),
                               "--set", f"runs_dir={eval_settings.runs_dir}"])
-    assert bad.exit_code == 2 and "needs a model path" in bad.output
+    assert bad.exit_code == 2 and "no checkpoint of this training configuration" in bad.output
+    assert "--model models:/" in bad.output and "Traceback" not in bad.output
+    assert len(bad.output.strip().splitlines()) == 1, bad.output
 
 
 def test_unlabelled_episodes_are_refused(eval_settings, train_scripts, tmp_path) -> None:

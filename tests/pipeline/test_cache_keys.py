@@ -27,6 +27,8 @@ def test_llm_distractor_cache_follows_llm_max_tokens(prefect_harness: None, fake
     changed = synthesize_distractors("smoke", base + ["llm.max_tokens=64"], scripts=scripts)
     assert not first["cached"] and again["cached"]
     assert not changed["cached"], "a changed llm.max_tokens must not return the cached episodes"
+    forced = synthesize_distractors("smoke", base, scripts=scripts, force=True)
+    assert not forced["cached"], "--force must ignore the cache"
 
 
 @pytest.mark.parametrize(("key", "value", "same_config"), [

@@ -126,6 +126,9 @@ async def test_deploy_all_creates_the_deployments(deployed: tuple[str, dict[str,
     assert deployment.parameters["profile"] == "smoke" and deployment.parameters["overrides"] == []
     assert deployment.enforce_parameter_schema
     assert set(deployment.parameter_openapi_schema["properties"]) >= {"profile", "overrides"}
+    # `profile` is validated like `overrides`: the server's schema only admits the two profiles.
+    assert "smoke" in str(deployment.parameter_openapi_schema) and "paper" in str(deployment.parameter_openapi_schema)
+    assert "enum" in str(deployment.parameter_openapi_schema)
     # The UI's run form shows these (from the flow docstrings' Args sections).
     assert all("description" in prop for prop in deployment.parameter_openapi_schema["properties"].values())
     if name == "nightly-champion-eval":

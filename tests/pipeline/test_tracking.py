@@ -32,7 +32,9 @@ def test_pipeline_and_stage_runs_carry_params_and_mask_secrets(runs_dir: Path) -
 
 
 def test_registration_is_idempotent_and_gated(tracking_settings, tiny_adapter, tmp_path: Path) -> None:
-    s = tracking_settings
+    # The fixture's adapters hold random weights: the gate is asked to crown them (see below).
+    s = tracking_settings.model_copy(update={"tracking": tracking_settings.tracking.model_copy(
+        update={"crown_random_weights": True})})
     a1, m1 = tiny_adapter(tmp_path / "one", 1)
     a2, m2 = tiny_adapter(tmp_path / "two", 2)
     a3, m3 = tiny_adapter(tmp_path / "three", 3)
@@ -59,6 +61,19 @@ def test_registration_is_idempotent_and_gated(tracking_settings, tiny_adapter, t
     version, local = tracking.resolve_alias(s, "champion")
     assert version == "3" and (local / "config.json").is_file()
     assert tracking.content_hash([a3, m3]) == better.content_sha256
+
+
+def test_a_random_weight_version_is_labelled_and_not_crowned_unless_asked(tracking_settings, tiny_adapter,
+                                                                          tmp_path: Path) -> None:
+    """Issue 14.3: the random smoke model became champion with J = 0."""
+    adapter, model = tiny_adapter(tmp_path / "one", 1)
+    reg = tracking.register_model(tracking_settings, adapter_dir=adapter, model_dir=model,
+                                  metrics={"judge_score": 0.0, "reward": -1.7, "rounds": 6.0})
+    assert reg.random_weights and reg.aliases == ["candidate"] and not reg.champion_moved
+    assert "random weights" in reg.gate and "tracking.crown_random_weights=true" in reg.gate
+    version = MlflowClient(tracking_settings.tracking_uri).get_model_version("agemem-policy", reg.version)
+    assert version.tags["agemem.random_weights"] == "true" and version.description.startswith("RANDOM WEIGHTS")
+    assert "eval.rounds" not in version.tags  # only the headline metrics are tags
 
 
 def test_register_rejects_a_directory_that_is_not_an_adapter(tracking_settings, tmp_path: Path) -> None:

@@ -76,6 +76,52 @@ def test_merged_model_reproduces_the_lora_policy(tiny_train_settings: Settings, 
         assert torch.allclose(merged(input_ids=ids).logits, lora(input_ids=ids).logits, atol=1e-4)
 
 
+def _with_train(settings: Settings, **train: object) -> Settings:
+    return settings.model_copy(update={"train": settings.train.model_copy(update=train)})
+
+
+def test_another_lora_rank_trains_anew_instead_of_resuming(tiny_train_settings: Settings, episodes_file: Path) -> None:
+    """Issue 14.1: a rank-4 run after a rank-8 run used to resume the rank-8 checkpoint (a 190-line
+    ``size mismatch`` traceback); each configuration now has its own checkpoints."""
+    rank8 = train_local(_with_train(tiny_train_settings, lora_rank=8, lora_alpha=16, total_steps=1), episodes_file)
+    rank4_settings = _with_train(tiny_train_settings, lora_rank=4, lora_alpha=8, total_steps=1)
+    rank4 = train_local(rank4_settings, episodes_file)
+    assert rank4.steps == 1 and rank4.config_hash != rank8.config_hash
+    assert output_root(rank4_settings) != rank8.adapter_dir.parents[1]
+    assert json.loads((rank4.adapter_dir / "adapter_config.json").read_text())["r"] == 4
+    assert json.loads((rank8.adapter_dir / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_a_checkpoint_folder_of_another_configuration_is_refused(
+    tiny_train_settings: Settings, episodes_file: Path
+) -> None:
+    """The folder name is the configuration's hash; the stored configuration guards what a name
+    cannot (a folder copied by hand): resuming it is refused with one line naming the fix."""
+    from typer.testing import CliRunner
+
+    from agemem.cli import app
+    from agemem.train.run import CONFIG_FILE, CheckpointConfigError
+
+    one = _with_train(tiny_train_settings, total_steps=1)
+    train_local(one, episodes_file)
+    stored = output_root(one) / CONFIG_FILE
+    config = json.loads(stored.read_text())
+    config["train"]["lora_rank"] = 16
+    stored.write_text(json.dumps(config))
+    two = _with_train(tiny_train_settings, total_steps=2)
+    with pytest.raises(CheckpointConfigError, match=r"lora_rank 16 -> 4.*delete .* or set train\.output_dir"):
+        train_local(two, episodes_file)
+    # The CLI says it in one line, with no traceback.
+    from tests.fixtures_pipeline import as_pairs
+    from tests.fixtures_train import TINY_TRAIN
+
+    sets = [arg for pair in as_pairs(TINY_TRAIN) + [f"runs_dir={tiny_train_settings.runs_dir}"]
+            for arg in ("--set", pair)]
+    result = CliRunner().invoke(app, ["train", "--backend", "local", "--episodes", str(episodes_file), *sets])
+    assert result.exit_code == 2 and result.output.startswith("error: checkpoints in "), result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_cli_smoke_profile_trains_two_steps_on_cpu(runs_dir: Path, episodes_file: Path, monkeypatch) -> None:
     import time
