@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from agemem.cli.common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
+from agemem.cli.common import ProfileOpt, SetOpt, VerboseOpt, command, settings_from_cli
 from agemem.doctor import report, run_checks
 
 BackendOpt = Annotated[
@@ -14,11 +14,12 @@ BackendOpt = Annotated[
 ]
 
 
-def doctor(backend: BackendOpt = None, profile: ProfileOpt = None, sets: SetOpt = None) -> None:
+@command
+def doctor(backend: BackendOpt = None, profile: ProfileOpt = None, sets: SetOpt = None,
+           verbose: VerboseOpt = False) -> None:
     """Check GPUs, packages, model, disk, Milvus, MLflow, keys and Ray for a run; exit 1 when one is missing."""
-    configure_logging()
     if backend is not None and backend not in ("verl", "local"):
-        raise typer.BadParameter(f"backend must be 'verl' or 'local', got {backend!r}", param_hint="--backend")
+        raise ValueError(f"--backend must be 'verl' or 'local', got {backend!r}")
     settings = settings_from_cli(profile, sets, **{"train.backend": backend})
     checks = run_checks(settings, settings.train.backend)
     typer.echo(report(checks))

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
+from agemem import doctor
+
 if TYPE_CHECKING:
     from agemem.settings import Settings
 
@@ -174,11 +176,28 @@ def set_aside_checkpoints(settings: "Settings") -> Path | None:
     return dest
 
 
+def warm_start_dir(settings: "Settings") -> Path:
+    """``<train.output_dir>/warm_start/<warm start hash>``: one directory per warm-start configuration
+    (its ``model/`` is what GRPO starts from, its report beside it)."""
+    return settings.path(settings.train.output_dir) / "warm_start" / warm_start_hash(settings)
+
+
+def grpo_settings(settings: "Settings") -> "Settings":
+    """The settings GRPO trains with: after a warm start (when enabled) ``train.model`` is the
+    warm-started model, which is also GRPO's reference policy, and the warm start is done."""
+    if not settings.warm_start.enabled:
+        return settings
+    train = settings.train.model_copy(update={"model": str(warm_start_dir(settings) / "model")})
+    done = settings.warm_start.model_copy(update={"enabled": False})
+    return settings.model_copy(update={"train": train, "warm_start": done})
+
+
 def newest_local_policy(settings: "Settings") -> Path | None:
-    """What evaluation loads from the newest local checkpoint of this configuration (None: none yet)."""
+    """What evaluation loads from the newest local checkpoint of this configuration (None: none yet);
+    with the warm start on, that is the newest checkpoint of the GRPO run that started from it."""
     from agemem.train.checkpoint import latest_checkpoint, policy_dirs  # torch: only when asked
 
-    latest = latest_checkpoint(local_checkpoint_root(settings))
+    latest = latest_checkpoint(local_checkpoint_root(grpo_settings(settings)))
     if latest is None:
         return None
     model_dir, adapter_dir = policy_dirs(latest)
@@ -194,13 +213,15 @@ def run(settings: "Settings", episodes_path: Path, *, algo: Algo = "grpo", mlflo
     ``progress(step, finished, total)``: rollouts finished in the current step (local trainer; verl
     reports its own progress).
     """
+    if settings.train.backend == "verl":
+        doctor.require(settings, "verl")  # before the warm start too: a missing GPU stack is one report, not a traceback
     if algo == "sft" or settings.warm_start.enabled:
-        from agemem.train.sft import after_warm_start, warm_start  # torch: only when training locally
+        from agemem.train.sft import warm_start  # torch: only when training locally
 
         warm = warm_start(settings, Path(episodes_path))
         if algo == "sft":
             return warm
-        settings = after_warm_start(settings, warm)
+        settings = grpo_settings(settings)
     if settings.train.backend == "verl":
         from agemem.train.verl.launch import train_verl
 
@@ -226,5 +247,7 @@ __all__ = [
     "newest_local_policy",
     "run",
     "set_aside_checkpoints",
+    "grpo_settings",
+    "warm_start_dir",
     "warm_start_hash",
 ]

@@ -31,7 +31,7 @@ from agemem.train import checkpoint as ckpt
 from agemem.train.local import load_train_episodes, trainable_policy
 from agemem.train.models import load_tokenizer, model_card_lines, resolve_device
 from agemem.train.run import WARM_START_REPORT as REPORT_FILE
-from agemem.train.run import TrainResult, warm_start_hash
+from agemem.train.run import TrainResult, grpo_settings, warm_start_dir, warm_start_hash
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,6 @@ class WarmStartReport:
     model_tokens: int
     epochs: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def warm_start_root(settings: Settings) -> Path:
-    """``<train.output_dir>/warm_start/<warm start hash>``: one directory per warm-start configuration."""
-    return settings.path(settings.train.output_dir) / "warm_start" / warm_start_hash(settings)
 
 
 def teacher_policy(settings: Settings, script: EpisodeScript, engine: EpisodeEngine) -> Any:
@@ -203,7 +198,7 @@ def warm_start(settings: Settings, episodes_path: Path) -> TrainResult:
     """Teacher trajectories -> rejection sampling -> SFT -> a merged model (reused when it exists)."""
     import torch
 
-    root = warm_start_root(settings)
+    root = warm_start_dir(settings)
     model_dir = root / "model"
     if (model_dir / "config.json").is_file() and (root / REPORT_FILE).is_file():
         logger.info("warm start %s already trained; reusing it", model_dir)
@@ -248,12 +243,11 @@ def warm_start(settings: Settings, episodes_path: Path) -> TrainResult:
 
 
 def after_warm_start(settings: Settings, result: TrainResult) -> Settings:
-    """GRPO's settings: start from the warm-started model (its own reference policy), warm start done."""
-    assert result.model_dir is not None
-    train = settings.train.model_copy(update={"model": str(result.model_dir)})
-    done = settings.warm_start.model_copy(update={"enabled": False})
-    return settings.model_copy(update={"train": train, "warm_start": done})
+    """GRPO's settings after ``result`` (a warm start of ``settings``): :func:`agemem.train.run.grpo_settings`."""
+    grpo = grpo_settings(settings)
+    assert result.model_dir is not None and Path(grpo.train.model) == result.model_dir, "another warm start's result"
+    return grpo
 
 
 __all__ = ["TeacherTrajectory", "WarmStartReport", "after_warm_start", "collect", "fit", "select",
-           "teacher_policy", "warm_start", "warm_start_root"]
+           "teacher_policy", "warm_start"]

@@ -17,7 +17,7 @@ from prefect import flow, task
 from agemem.reward.metrics import f1_score
 from agemem.settings import load_settings
 
-STAGES = {"prepare_data", "synthesize_distractors", "train", "evaluate", "register"}
+STAGES = {"prepare_data", "synthesize_distractors", "warm_start", "train", "evaluate", "register"}
 
 
 async def _artifacts(keys: list[str]) -> dict[str, list[Any]]:
@@ -148,7 +148,8 @@ def test_pipeline_registers_evaluates_publishes_and_reuses_cache(prefect_harness
     assert first["model"]["aliases"] == ["candidate"] and not first["model"]["reused"]
     assert first["model"]["random_weights"] and "not crowned" in first["model"]["gate"]
     assert first["policy"].endswith("[RANDOM WEIGHTS]")
-    assert first["cached"] == {"prepare_data": False, "synthesize_distractors": False, "train": False}
+    assert first["cached"] == {"prepare_data": False, "synthesize_distractors": False, "warm_start": False,
+                               "train": False}
     assert first["metrics"]["n"] == 2.0 and first["flow_run_id"]
     assert set(first["timings"]) == STAGES
 
@@ -164,7 +165,7 @@ def test_pipeline_registers_evaluates_publishes_and_reuses_cache(prefect_harness
     stamp = scripts.stat().st_mtime_ns
     crown = tiny_pipeline_overrides + ["tracking.crown_random_weights=true"]
     second = agemem_pipeline(profile="smoke", overrides=crown)
-    assert second["cached"] == {"prepare_data": True, "synthesize_distractors": True, "train": True}
+    assert second["cached"] == {"prepare_data": True, "synthesize_distractors": True, "warm_start": True, "train": True}
     assert scripts.stat().st_mtime_ns == stamp
     assert second["model"]["version"] == "1" and second["model"]["reused"]
     assert second["model"]["aliases"] == ["candidate", "champion"]
