@@ -82,6 +82,12 @@ class JudgeSettings(LLMSettings):
     memory_match_threshold: float = Field(
         0.75, ge=0, le=1, description="Offline memory quality: cosine at which a memory sentence matches a fact."
     )
+    breaker_failures: int = Field(
+        3,
+        ge=0,
+        description="After this many judge calls in a row fail (errors, timeouts, unparseable replies), the rest "
+        "of the run is scored by the flagged offline fallback without calling the LLM. 0 = never.",
+    )
 
 
 class MemorySettings(BaseModel):

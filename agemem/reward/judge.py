@@ -4,6 +4,10 @@ LLM backend: a 0-1 grade parsed strictly (a bare number; anything else is retrie
 offline score is used and flagged). Offline backend (``client.offline`` or no client): token F1 /
 EM with the official HotpotQA normalisation, and embedding similarity between stored memories and
 gold supporting sentences. Judge results are cached by (question, gold, prediction).
+
+A circuit breaker bounds what a dead judge costs: after ``judge.breaker_failures`` failed grades
+in a row, every later score of this judge is the flagged fallback, without an LLM call (a dead
+endpoint otherwise costs every question its timeouts and retries).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class Judge:
         cache: bool = True,
         offline_metric: Literal["f1", "em"] = "f1",
         match_threshold: float = 0.75,
+        breaker_failures: int = 0,
     ) -> None:
         self.client = client
         self._encode = encode
@@ -81,6 +86,10 @@ class Judge:
         self._cache: OrderedDict[tuple[str, str, str], JudgeScore] | None = OrderedDict() if cache else None
         self.calls = 0
         self.fallbacks = 0
+        self.breaker_failures = breaker_failures
+        self.consecutive_failures = 0
+        self.breaker_open = False
+        self.short_circuited = 0  # grades not asked for because the breaker was open
 
     @classmethod
     def from_settings(
@@ -107,6 +116,7 @@ class Judge:
             cache=cfg.cache,
             offline_metric=cfg.offline_metric,
             match_threshold=cfg.memory_match_threshold,
+            breaker_failures=cfg.breaker_failures,
         )
 
     @property
@@ -115,6 +125,24 @@ class Judge:
 
     async def _grade(self, prompt: str) -> tuple[float | None, str | None]:
         """Ask the LLM for a grade; (grade, None) or (None, why it failed)."""
+        assert self.client is not None
+        if self.breaker_open:
+            self.short_circuited += 1
+            return None, f"judge circuit open after {self.breaker_failures} consecutive failures"
+        grade, error = await self._ask(prompt)
+        if grade is not None:
+            self.consecutive_failures = 0
+            return grade, None
+        self.consecutive_failures += 1
+        if self.breaker_failures and self.consecutive_failures >= self.breaker_failures and not self.breaker_open:
+            self.breaker_open = True
+            logger.warning(
+                "judge failed %d times in a row (last: %s); the rest of this run is scored by the flagged "
+                "offline fallback without calling it (judge.breaker_failures)", self.consecutive_failures, error,
+            )
+        return None, error
+
+    async def _ask(self, prompt: str) -> tuple[float | None, str | None]:
         assert self.client is not None
         error = "no reply"
         for attempt in range(self.parse_retries + 1):
