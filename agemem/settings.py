@@ -156,8 +156,8 @@ class MemorySettings(BaseModel):
         2048, ge=1, description="Open connections plus running requests before the server answers 503."
     )
     header_timeout_s: float = Field(
-        10.0, gt=0, description="A connection that has not sent a whole request head this long after it "
-        "opened (or after its previous response) is closed."
+        10.0, gt=0, description="A connection whose request head is not complete this long after it opened "
+        "(on a kept-alive connection: after the head's first byte) is closed."
     )
     body_timeout_s: float = Field(30.0, gt=0, description="A request body not received within this is a 408.")
     keep_alive_timeout_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this.")
