@@ -255,7 +255,7 @@ def validate_call(
             clean = {"span": _text(args, "span", limits, required=False) or "all"}
         else:
             clean = {"criteria": _text(args, "criteria", limits, required=True)}
-    except ArgumentError as exc:
+    except ValueError as exc:  # ArgumentError, or a number too long to turn into text
         return Validated(name, error=f"{name}: {exc}")
     return Validated(name, clean)
 

@@ -271,8 +271,7 @@ def create_app(service: MemoryService, settings: Settings) -> FastAPI:
     async def delete_session(
         session_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
     ) -> Response:
-        await service.authenticate(session_id, token_of(credentials))
-        await service.drop_session(session_id)
+        await service.delete(session_id, token_of(credentials))
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     app.add_middleware(

@@ -197,6 +197,8 @@ class MemoryService:
             if self._live is None:
                 self._live = count
         if self._live >= self.config.max_sessions:
+            await self.sweep_idle()  # an in-process service has no sweeper running: make room first
+        if self._live >= self.config.max_sessions:
             raise SessionLimitError(
                 f"the memory server holds {self._live} live sessions, its limit (memory.max_sessions); "
                 "delete finished sessions (idle ones expire after memory.session_idle_ttl_s)"
@@ -258,20 +260,32 @@ class MemoryService:
     async def delete_session(self, session: MemorySession) -> None:
         """Delete the session and its memories; one already gone (deleted, expired) is no error."""
         try:
-            await self.authenticate(session.session_id, session.session_token)
-            await self.drop_session(session.session_id)
+            await self.delete(session.session_id, session.session_token)
         except UnknownSessionError:
             return
 
-    async def drop_session(self, session_id: str) -> None:
-        """Remove an already authenticated session and all its memories.
+    async def delete(self, session_id: Any, token: str | None) -> None:
+        """Authenticate and delete a session with all its memories.
 
-        The session is refused from here on; its calls already running finish first, so nothing
-        they write survives the deletion. A second deletion racing this one finds no session.
+        The deletion is claimed while the token check still holds the session, so of two racing
+        deletions exactly one proceeds; the other finds no session.
         """
+        async with self.session(session_id, token):
+            if session_id in self._dying:
+                raise UnknownSessionError("unknown session")
+            self._dying.add(session_id)
+        await self._drop_claimed(session_id)
+
+    async def drop_session(self, session_id: str) -> None:
+        """Remove a session and all its memories (the sweeper; callers with a token use :meth:`delete`)."""
         if session_id in self._dying:
             raise UnknownSessionError("unknown session")
         self._dying.add(session_id)
+        await self._drop_claimed(session_id)
+
+    async def _drop_claimed(self, session_id: str) -> None:
+        """The session is refused from here on (it is in ``_dying``); its calls already running
+        finish first, so nothing they write survives the deletion."""
         try:
             self._sessions.pop(session_id, None)
             while self._active.get(session_id):
