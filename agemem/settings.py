@@ -140,7 +140,7 @@ class MemorySettings(BaseModel):
         3600.0, gt=0, description="A session unused this long is deleted with its memories by the sweeper."
     )
     session_sweep_interval_s: float = Field(60.0, gt=0, description="How often the sweeper looks for idle sessions.")
-    session_secret: SecretStr | None = Field(
+    token_hash_key: SecretStr | None = Field(
         None,
         description="Key of the HMAC that stores session-token hashes; a session row written into the store "
         "by anyone without it is never accepted. Changing it invalidates existing sessions.",

@@ -1,7 +1,7 @@
 """The memory tools' semantics, shared by the HTTP server and the in-process client.
 
 A session is an id plus a secret token; only a hash of the token is stored (in Milvus, so
-sessions survive a restart), keyed with ``memory.session_secret`` when one is set. Every call
+sessions survive a restart), keyed with ``memory.token_hash_key`` when one is set. Every call
 checks the token, and every store operation is scoped to the caller's session, so a session
 cannot see or touch another session's memories even when it knows their ids. Arguments are flat
 (verl keeps only type/description/enum in tool schemas): metadata travels as a JSON-object
@@ -156,7 +156,7 @@ class MemoryService:
         self.embedder = embedder
         self.config = config
         self.limits = ArgumentLimits.from_settings(config)
-        self._secret = config.session_secret.get_secret_value().encode() if config.session_secret else None
+        self._secret = config.token_hash_key.get_secret_value().encode() if config.token_hash_key else None
         self._started_at = time.time()
         # Known sessions; the store is the source of truth, this saves a query per call.
         self._sessions: dict[str, _Session] = {}

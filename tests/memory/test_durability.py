@@ -148,9 +148,9 @@ def test_the_embedded_store_opens_no_tcp_port_and_stays_private(tmp_path: Path) 
 
 
 async def test_session_rows_written_around_the_server_are_refused(tmp_path: Path) -> None:
-    """With memory.session_secret, token hashes are HMACs: a row someone inserts into the store with
+    """With memory.token_hash_key, token hashes are HMACs: a row someone inserts into the store with
     the plain hash of a token they chose does not open a session."""
-    service = MemoryService.from_settings(memory_settings(tmp_path, session_secret="server-only-secret"))
+    service = MemoryService.from_settings(memory_settings(tmp_path, token_hash_key="server-only-secret"))
     try:
         token = "attacker-chosen-token"
         service.store.put_session("f" * 32, hashlib.sha256(token.encode()).hexdigest())
