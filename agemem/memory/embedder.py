@@ -95,8 +95,10 @@ class _LoopBatcher:
                 queue = self._queues[request.owner] = deque()
             queue.appendleft(request)
 
-    def _newcomer(self, owners: set[object]) -> bool:
-        return any(owner not in owners for owner in self._queues)
+    def _newcomer(self, batch: list[_Request]) -> bool:
+        """Someone waits who has nothing left in ``batch`` (new, or answered in it already)."""
+        pending = {r.owner for r in batch if not r.future.done()}
+        return any(owner not in pending for owner in self._queues)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -144,18 +146,18 @@ class _LoopBatcher:
         results = [np.empty((len(r.texts), embedder.dim), dtype=np.float32) for r in batch]
         left = [len(r.texts) for r in batch]
         chunks = self._passes(slots, batch)
-        owners = {r.owner for r in batch}
+        cut = False
         started: set[int] = set()
         running: deque[tuple[list[tuple[int, int]], asyncio.Future[np.ndarray]]] = deque()
         k = 0
         while k < len(chunks) or running:
             while k < len(chunks) and len(running) < _PASSES_AHEAD:
-                if started and self._newcomer(owners):
+                if started and not cut and self._newcomer(batch):
                     # Someone new waits: keep only the requests already under way, requeue the rest.
+                    cut = True
                     rest = [slot for chunk in chunks[k:] for slot in chunk if slot[0] in started]
                     self._requeue([r for i, r in enumerate(batch) if i not in started])
                     chunks[k:] = self._passes(rest, batch)
-                    owners = set(self._queues)  # cut once per newcomer, not before every pass
                     if k >= len(chunks):
                         break
                 chunk = chunks[k]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -24,6 +25,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 UNKNOWN_TOOL = "unknown_tool"
 NOT_FOUND = "not_found"
 MEMORY_LIMIT = "memory_limit"
+_READ_THREADS = 8
+_WRITE_THREADS = 8
 
 
 class MemorySessionError(RuntimeError):
@@ -167,6 +171,10 @@ class MemoryService:
         self._dying: set[str] = set()
         self._live: int | None = None  # live sessions, counted on first need
         self._results: OrderedDict[tuple[str, str], ToolResult] = OrderedDict()
+        # Store calls block a thread; reads get their own, so writes queued behind milvus-lite's
+        # one-at-a-time writes and their flushes cannot hold up another session's search.
+        self._readers = ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="agemem-store-read")
+        self._writers = ThreadPoolExecutor(max_workers=_WRITE_THREADS, thread_name_prefix="agemem-store-write")
         self._request_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self.expired = 0
 
@@ -188,12 +196,20 @@ class MemoryService:
     def close(self) -> None:
         """Flush and close the store (once; later calls do nothing)."""
         self.store.close()
+        self._readers.shutdown(wait=False)
+        self._writers.shutdown(wait=False)
+
+    async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._readers, functools.partial(fn, *args))
+
+    async def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._writers, functools.partial(fn, *args))
 
     # -- sessions -------------------------------------------------------------------------------
 
     async def create_session(self) -> MemorySession:
         if self._live is None:
-            count = len(await asyncio.to_thread(self.store.sessions))
+            count = len(await self._read(self.store.sessions))
             if self._live is None:
                 self._live = count
         if self._live >= self.config.max_sessions:
@@ -207,7 +223,7 @@ class MemoryService:
         session = MemorySession(session_id=secrets.token_hex(16), session_token=secrets.token_urlsafe(32))
         digest = hash_token(session.session_token, self._secret)
         try:
-            await asyncio.to_thread(self.store.put_session, session.session_id, digest)
+            await self._write(self.store.put_session, session.session_id, digest)
         except BaseException:
             self._live -= 1
             raise
@@ -240,7 +256,7 @@ class MemoryService:
     async def _authenticate(self, session_id: str, token: str | None) -> _Session:
         state = self._sessions.get(session_id)
         if state is None:
-            digest = await asyncio.to_thread(self.store.session_token_hash, session_id)
+            digest = await self._read(self.store.session_token_hash, session_id)
             # Re-checked after the read: a deletion may have started while it ran.
             if digest is None or session_id in self._dying:
                 raise UnknownSessionError("unknown session")
@@ -290,7 +306,7 @@ class MemoryService:
             self._sessions.pop(session_id, None)
             while self._active.get(session_id):
                 await self._idle.setdefault(session_id, asyncio.Event()).wait()
-            await asyncio.to_thread(self.store.drop_session, session_id)
+            await self._write(self.store.drop_session, session_id)
             if self._live is not None:
                 self._live = max(0, self._live - 1)
             for key in [k for k in self._results if k[0] == session_id]:
@@ -305,7 +321,7 @@ class MemoryService:
         start, whichever is later, so a restart does not expire every session at once.
         """
         now = time.time() if now is None else now
-        stored = await asyncio.to_thread(self.store.sessions)
+        stored = await self._read(self.store.sessions)
         if self._live is None:
             self._live = len(stored)
         expired = 0
@@ -340,7 +356,7 @@ class MemoryService:
 
     async def session_memories(self, session_id: str) -> list[MemoryItem]:
         """All memories of an already authenticated session, oldest first."""
-        return await asyncio.to_thread(self.store.list, session_id)
+        return await self._read(self.store.list, session_id)
 
     async def memories_page(
         self, session_id: str, cursor: str | None, limit: int | None
@@ -350,7 +366,7 @@ class MemoryService:
         if not 1 <= limit <= self.config.list_page_size:
             raise ArgumentError(f"'limit' must be between 1 and {self.config.list_page_size}, got {limit}")
         after = _parse_cursor(cursor)
-        items, more = await asyncio.to_thread(lambda: self.store.page(session_id, after=after, limit=limit))
+        items, more = await self._read(lambda: self.store.page(session_id, after=after, limit=limit))
         return items, (f"{more[0]!r}:{more[1]}" if more is not None else None)
 
     # -- tools ----------------------------------------------------------------------------------
@@ -431,7 +447,7 @@ class MemoryService:
         if state is None:  # dropped from the cache by a deletion that is now waiting for this call
             raise UnknownSessionError("unknown session")
         if state.memories is None:
-            count = await asyncio.to_thread(self.store.count_memories, session_id)
+            count = await self._read(self.store.count_memories, session_id)
             if state.memories is None:
                 state.memories = count
         return state
@@ -460,7 +476,7 @@ class MemoryService:
                 updated_at=now,
             )
             vector = (await self.embedder.aencode([content], owner=session_id))[0]
-            inserted = await asyncio.to_thread(self.store.add_once, session_id, item, vector)
+            inserted = await self._write(self.store.add_once, session_id, item, vector)
         finally:
             if not inserted:
                 state.memories -= 1
@@ -471,7 +487,7 @@ class MemoryService:
         content = A.check_text("content", args.content, self.limits)
         metadata = A.parse_metadata_json(args.metadata_json, self.limits)
         # Check existence before paying for an embedding (the reference embedded first).
-        if await asyncio.to_thread(self.store.get, session_id, memory_id) is None:
+        if await self._read(self.store.get, session_id, memory_id) is None:
             raise self._not_found("Update_memory", memory_id)
         vector = (await self.embedder.aencode([content], owner=session_id))[0]
 
@@ -479,7 +495,7 @@ class MemoryService:
             A.check_metadata(merged, self.limits)
 
         try:
-            await asyncio.to_thread(
+            await self._write(
                 lambda: self.store.update(
                     session_id, memory_id, content=content, vector=vector, metadata=metadata, check=merged_fits
                 )
@@ -490,7 +506,7 @@ class MemoryService:
 
     async def _delete(self, session_id: str, args: DeleteArgs, request_id: str | None) -> ToolResult:
         memory_id = A.check_memory_id(args.memory_id)
-        if not await asyncio.to_thread(self.store.delete, session_id, memory_id):
+        if not await self._write(self.store.delete, session_id, memory_id):
             raise self._not_found("Delete_memory", memory_id)
         state = self._sessions.get(session_id)
         if state is not None and state.memories:
@@ -502,7 +518,7 @@ class MemoryService:
         top_k = A.check_top_k(args.top_k, self.limits)
         memory_type = None if args.memory_type is None else A.check_memory_type(args.memory_type)
         vector = (await self.embedder.aencode([query], owner=session_id))[0]
-        hits = await asyncio.to_thread(self.store.search, session_id, vector, top_k, memory_type)
+        hits = await self._read(self.store.search, session_id, vector, top_k, memory_type)
         memories = [{"memory_id": h.memory_id, "content": h.content, "score": round(h.score or 0.0, 4)} for h in hits]
         if not hits:
             return ToolResult(ok=True, text="[no related memories found]", data={"memories": []})

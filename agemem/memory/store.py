@@ -227,17 +227,23 @@ class _FlushExclusiveClient:
                 self._cond.wait_for(lambda: not self._flushing and self._flush_waiting == 0)
                 self._active += 1
             try:
-                if write_lock is None:
-                    return attr(*args, **kwargs)
-                with write_lock(args[0] if args else kwargs.get("collection_name", "")):
-                    return attr(*args, **kwargs)
+                return attr(*args, **kwargs)
             finally:
                 with self._cond:
                     self._active -= 1
                     if self._active == 0:
                         self._cond.notify_all()
 
-        return shared
+        if write_lock is None:
+            return shared
+
+        def one_at_a_time(*args: Any, **kwargs: Any) -> Any:
+            # Queued outside the flush gate: writers waiting their turn are not "active", so a flush
+            # (and every search behind it) waits for the one running write, not for the whole queue.
+            with write_lock(args[0] if args else kwargs.get("collection_name", "")):
+                return shared(*args, **kwargs)
+
+        return one_at_a_time
 
     def _write_lock(self, collection: str) -> threading.Lock:
         with self._cond:
@@ -414,10 +420,15 @@ class MilvusMemoryStore:
                 self._flush_cond.wait()
             else:
                 return
+        started = time.perf_counter()
         try:
             self._client.flush(collection)
         except MilvusException as exc:  # the rows are written; only their sealing failed
             logger.warning("flush of %s failed: %s", collection, exc.message)
+        else:
+            took = time.perf_counter() - started
+            if took > 1.0:  # every other call of the store waits for a flush
+                logger.info("flush of %s took %.1fs", collection, took)
         finally:
             with self._flush_cond:
                 self._flushing.discard(collection)
