@@ -16,6 +16,7 @@ could reach without credentials, and keeps the data directory 0700.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ import time
 import zlib
 from concurrent import futures
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -49,6 +51,8 @@ _PARTITION_PREFIX = "sessions_"
 # brute-force path re-normalised every stored vector on each COSINE search (10k memories: 30 -> 20 ms).
 _METRIC = "IP"
 _ROW_LOCKS = 64
+# How long a flush waits for writers already queued, so that it seals them too.
+_GROUP_COMMIT_WAIT_S = 0.02
 
 
 class MemoryStoreLockedError(MemoryUnavailableError):
@@ -182,32 +186,26 @@ class _FlushExclusiveClient:
     On milvus-lite, a flush racing other calls failed ("current_seq is monotonic") and a query
     racing a flush returned no rows for a memory just added (seen about 1 in 200 under load).
     A waiting flush holds back new calls, so a steady stream of searches cannot starve it.
-
-    With ``serialize_writes`` (milvus-lite), writes to one collection also run one at a time:
-    its engine is single-writer per collection, and concurrent inserts interleaved their records
-    in the write-ahead log, so a killed server lost rows at the first torn record (11 of 60
-    concurrent adds, "Invalid flatbuffers message" on recovery).
     """
 
-    _WRITES = frozenset({"insert", "upsert", "delete"})
-
-    def __init__(self, client: MilvusClient, *, serialize_writes: bool = False) -> None:
+    def __init__(self, client: MilvusClient) -> None:
         self._client = client
         self._cond = threading.Condition()
         self._active = 0
         self._flushing = False
         self._flush_waiting = 0
-        self._serialize_writes = serialize_writes
-        self._write_locks: dict[str, threading.Lock] = {}
 
-    def flush(self, *args: Any, **kwargs: Any) -> Any:
+    def flush(self, collection: str, *, exclusive: Callable[[], None] | None = None) -> Any:
+        """Flush ``collection``; ``exclusive`` runs first, once no other call is running."""
         with self._cond:
             self._flush_waiting += 1
             self._cond.wait_for(lambda: not self._flushing and self._active == 0)
             self._flush_waiting -= 1
             self._flushing = True
         try:
-            return self._client.flush(*args, **kwargs)
+            if exclusive is not None:
+                exclusive()
+            return self._client.flush(collection)
         finally:
             with self._cond:
                 self._flushing = False
@@ -217,10 +215,6 @@ class _FlushExclusiveClient:
         attr = getattr(self._client, name)
         if not callable(attr):
             return attr
-
-        write_lock = None
-        if self._serialize_writes and name in self._WRITES:
-            write_lock = self._write_lock
 
         def shared(*args: Any, **kwargs: Any) -> Any:
             with self._cond:
@@ -234,20 +228,7 @@ class _FlushExclusiveClient:
                     if self._active == 0:
                         self._cond.notify_all()
 
-        if write_lock is None:
-            return shared
-
-        def one_at_a_time(*args: Any, **kwargs: Any) -> Any:
-            # Queued outside the flush gate: writers waiting their turn are not "active", so a flush
-            # (and every search behind it) waits for the one running write, not for the whole queue.
-            with write_lock(args[0] if args else kwargs.get("collection_name", "")):
-                return shared(*args, **kwargs)
-
-        return one_at_a_time
-
-    def _write_lock(self, collection: str) -> threading.Lock:
-        with self._cond:
-            return self._write_locks.setdefault(collection, threading.Lock())
+        return shared
 
 
 class MilvusMemoryStore:
@@ -289,12 +270,15 @@ class MilvusMemoryStore:
         # A read-modify-write of one memory (update, delete) runs alone: concurrent Updates each
         # merged into the metadata they read, and an Update could re-insert a memory just deleted.
         self._row_locks = [threading.Lock() for _ in range(_ROW_LOCKS)]
+        # milvus-lite writes one collection at a time (its engine is single-writer per collection):
+        # concurrent inserts interleaved their records in its write-ahead log, and a killed server
+        # lost rows at the first torn one (11 of 60 concurrent adds). Writers queued per collection.
+        self._write_locks: dict[str, threading.Lock] = {}
+        self._queued: dict[str, int] = {}
         self._lite = None if _is_remote(uri) else _LiteServer.acquire(uri)
         try:
             target = self._lite.uri if self._lite is not None else uri
-            self._client = _FlushExclusiveClient(
-                connect(target, token=token, timeout_s=timeout_s), serialize_writes=self._lite is not None
-            )
+            self._client = _FlushExclusiveClient(connect(target, token=token, timeout_s=timeout_s))
             self._partitions = 0  # 0: no session partitions (a collection made with a partition key)
             self._metric = _METRIC  # collections made by earlier versions use COSINE
             self._ensure_collections(partitions)
@@ -386,11 +370,22 @@ class MilvusMemoryStore:
 
     # -- flushing -------------------------------------------------------------------------------
 
-    def _wrote(self, collection: str, rows: int) -> None:
-        """Record a write; with ``flush_interval_s == 0`` return only once it is flushed."""
-        ticket = self._note_write(collection, rows)
-        if ticket is not None:
-            self._flush_through(collection, ticket)
+    @contextlib.contextmanager
+    def _writing(self, collection: str) -> Iterator[None]:
+        """Hold ``collection``'s write turn (milvus-lite); a flush lets the queued writers land first."""
+        if self._lite is None:  # Milvus standalone takes concurrent writes
+            yield
+            return
+        with self._flush_cond:
+            self._queued[collection] = self._queued.get(collection, 0) + 1
+            lock = self._write_locks.setdefault(collection, threading.Lock())
+        try:
+            with lock:
+                yield
+        finally:
+            with self._flush_cond:
+                self._queued[collection] -= 1
+                self._flush_cond.notify_all()
 
     def _note_write(self, collection: str, rows: int) -> int | None:
         """Count a write; the ticket to wait for when it must be flushed before it is acknowledged.
@@ -408,21 +403,33 @@ class MilvusMemoryStore:
                 self._flush_timer.start()
         return None if later else ticket
 
+    def _sealed_through(self, collection: str, ticket: int | None) -> None:
+        if ticket is not None:
+            self._flush_through(collection, ticket)
+
     def _flush_through(self, collection: str, ticket: int) -> None:
         """Return once write number ``ticket`` of ``collection`` is flushed (flushing it if nobody is)."""
         with self._flush_cond:
             while self._sealed.get(collection, 0) < ticket:
                 if collection not in self._flushing:
                     self._flushing.add(collection)
-                    target = self._written[collection]
-                    self._unflushed[collection] = 0
                     break
                 self._flush_cond.wait()
             else:
                 return
+            # Writers already queued land in this flush (bounded: a steady stream must not delay it).
+            self._flush_cond.wait_for(lambda: not self._queued.get(collection), timeout=_GROUP_COMMIT_WAIT_S)
+        target = self._sealed.get(collection, 0)
+
+        def seal_what_is_written() -> None:  # runs once no other call is running
+            nonlocal target
+            with self._flush_cond:
+                target = self._written[collection]
+                self._unflushed[collection] = 0
+
         started = time.perf_counter()
         try:
-            self._client.flush(collection)
+            self._client.flush(collection, exclusive=seal_what_is_written)
         except MilvusException as exc:  # the rows are written; only their sealing failed
             logger.warning("flush of %s failed: %s", collection, exc.message)
         else:
@@ -454,18 +461,22 @@ class MilvusMemoryStore:
             raise ValueError(f"{len(items)} memories but {len(vectors)} vectors")
         rows = [self._row(session_id, item, vec) for item, vec in zip(items, vectors)]
         if rows:
-            self._client.insert(self.collection, rows, **self._partition(session_id))
-            self._wrote(self.collection, len(rows))
+            with self._writing(self.collection):
+                self._client.insert(self.collection, rows, **self._partition(session_id))
+                ticket = self._note_write(self.collection, len(rows))
+            self._sealed_through(self.collection, ticket)
 
     def add_once(self, session_id: str, item: MemoryItem, vector: np.ndarray) -> bool:
         """Insert one memory unless one with its id exists in the session (a retried Add); True if inserted."""
         with self._row_lock(session_id, item.memory_id):
             if self.get(session_id, item.memory_id) is not None:
                 return False
-            self._client.insert(self.collection, [self._row(session_id, item, vector)], **self._partition(session_id))
-            ticket = self._note_write(self.collection, 1)
-        if ticket is not None:
-            self._flush_through(self.collection, ticket)
+            with self._writing(self.collection):
+                self._client.insert(
+                    self.collection, [self._row(session_id, item, vector)], **self._partition(session_id)
+                )
+                ticket = self._note_write(self.collection, 1)
+        self._sealed_through(self.collection, ticket)
         return True
 
     def _row(self, session_id: str, item: MemoryItem, vector: np.ndarray) -> dict[str, Any]:
@@ -514,12 +525,12 @@ class MilvusMemoryStore:
             if check is not None:
                 check(merged)
             updated = current.model_copy(update={"content": content, "metadata": merged, "updated_at": time.time()})
-            self._client.upsert(
-                self.collection, [self._row(session_id, updated, vector)], **self._partition(session_id)
-            )
-            ticket = self._note_write(self.collection, 1)
-        if ticket is not None:
-            self._flush_through(self.collection, ticket)
+            with self._writing(self.collection):
+                self._client.upsert(
+                    self.collection, [self._row(session_id, updated, vector)], **self._partition(session_id)
+                )
+                ticket = self._note_write(self.collection, 1)
+        self._sealed_through(self.collection, ticket)
         return updated
 
     def delete(self, session_id: str, memory_id: str) -> bool:
@@ -527,14 +538,14 @@ class MilvusMemoryStore:
         with self._row_lock(session_id, memory_id):
             if self.get(session_id, memory_id) is None:
                 return False
-            self._client.delete(
-                self.collection,
-                filter=f"id == {_quote(memory_id)} and session_id == {_quote(session_id)}",
-                **self._partition(session_id),
-            )
-            ticket = self._note_write(self.collection, 1)
-        if ticket is not None:
-            self._flush_through(self.collection, ticket)
+            with self._writing(self.collection):
+                self._client.delete(
+                    self.collection,
+                    filter=f"id == {_quote(memory_id)} and session_id == {_quote(session_id)}",
+                    **self._partition(session_id),
+                )
+                ticket = self._note_write(self.collection, 1)
+        self._sealed_through(self.collection, ticket)
         return True
 
     def search(
@@ -620,10 +631,15 @@ class MilvusMemoryStore:
 
     def drop_session(self, session_id: str) -> None:
         """Delete every memory of a session and the session itself."""
-        self._client.delete(self.collection, filter=f"session_id == {_quote(session_id)}", **self._partition(session_id))
-        self._client.delete(self.sessions_collection, filter=f"session_id == {_quote(session_id)}")
-        self._wrote(self.collection, 1)
-        self._wrote(self.sessions_collection, 1)
+        with self._writing(self.collection):
+            self._client.delete(self.collection, filter=f"session_id == {_quote(session_id)}",
+                                **self._partition(session_id))
+            memories = self._note_write(self.collection, 1)
+        with self._writing(self.sessions_collection):
+            self._client.delete(self.sessions_collection, filter=f"session_id == {_quote(session_id)}")
+            sessions = self._note_write(self.sessions_collection, 1)
+        self._sealed_through(self.collection, memories)
+        self._sealed_through(self.sessions_collection, sessions)
 
     def count(self) -> int:
         """Rows in the memory collection (all sessions)."""
@@ -645,11 +661,11 @@ class MilvusMemoryStore:
     # -- sessions -------------------------------------------------------------------------------
 
     def put_session(self, session_id: str, token_hash: str) -> None:
-        self._client.insert(
-            self.sessions_collection,
-            [{"session_id": session_id, "token_hash": token_hash, "created_at": time.time(), "unused_vector": [0, 0]}],
-        )
-        self._wrote(self.sessions_collection, 1)
+        row = {"session_id": session_id, "token_hash": token_hash, "created_at": time.time(), "unused_vector": [0, 0]}
+        with self._writing(self.sessions_collection):
+            self._client.insert(self.sessions_collection, [row])
+            ticket = self._note_write(self.sessions_collection, 1)
+        self._sealed_through(self.sessions_collection, ticket)
 
     def session_token_hash(self, session_id: str) -> str | None:
         """The stored token hash, or None for an unknown session."""
