@@ -45,10 +45,10 @@ class _LoopBatcher:
     """Collects ``aencode`` requests made on one event loop into shared forward passes.
 
     Fair to owners (memory sessions): waiting requests are queued per owner and a batch takes
-    them round-robin, one request per owner in turn; and when a request of an owner that is not
-    in the running batch arrives, the batch's passes not yet handed to the model go back to the
-    queue, so the newcomer waits for at most two passes instead of a whole batch of someone
-    else's 8 KB texts (a session with 48 adds in flight slowed another session from 0.03 to 1.4 s).
+    them round-robin, one request per owner in turn; and a request of an owner with nothing left
+    in the running batch joins it ahead of the passes not yet handed to the model, so it waits for
+    at most two passes instead of a whole batch of someone else's 8 KB texts (a session with 48
+    adds in flight slowed another session's calls from 0.03 to 1.4 s).
     """
 
     def __init__(self, embedder: Embedder) -> None:
@@ -87,18 +87,28 @@ class _LoopBatcher:
             count += len(request.texts)
         return batch
 
-    def _requeue(self, requests: list[_Request]) -> None:
-        """Put untouched requests back at the head of their owners' queues, in their order."""
-        for request in reversed(requests):
-            queue = self._queues.get(request.owner)
-            if queue is None:
-                queue = self._queues[request.owner] = deque()
-            queue.appendleft(request)
-
-    def _newcomer(self, batch: list[_Request]) -> bool:
-        """Someone waits who has nothing left in ``batch`` (new, or answered in it already)."""
+    def _take_newcomers(self, batch: list[_Request], limit: int) -> list[_Request]:
+        """Requests of owners with nothing left in ``batch`` (new, or answered in it already), one per
+        owner in turn, up to ``limit`` texts."""
         pending = {r.owner for r in batch if not r.future.done()}
-        return any(owner not in pending for owner in self._queues)
+        joiners: list[_Request] = []
+        count = 0
+        for owner in [o for o in self._queues if o not in pending]:
+            queue = self._queues[owner]
+            while queue and queue[0].future.done():  # callers that gave up
+                queue.popleft()
+            if not queue:
+                del self._queues[owner]
+                continue
+            if joiners and count + len(queue[0].texts) > limit:
+                break
+            request = queue.popleft()
+            del self._queues[owner]
+            if queue:
+                self._queues[owner] = queue
+            joiners.append(request)
+            count += len(request.texts)
+        return joiners
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -139,34 +149,39 @@ class _LoopBatcher:
 
         Each request is answered as soon as its last text is embedded, so its caller's next step
         (a search, the HTTP reply) overlaps the remaining forward passes instead of waiting for them.
+        Before each pass, requests of owners with nothing left in the batch join it, in passes of
+        their own ahead of the rest (at most ``batch_size`` texts join one batch, so its own
+        requests are delayed by a bounded number of passes, never starved).
         """
         embedder = self._embedder
-        slots = [(i, j) for i, r in enumerate(batch) for j in range(len(r.texts))]
-        slots.sort(key=lambda slot: len(batch[slot[0]].texts[slot[1]]))
-        results = [np.empty((len(r.texts), embedder.dim), dtype=np.float32) for r in batch]
-        left = [len(r.texts) for r in batch]
-        chunks = self._passes(slots, batch)
-        cut = False
-        started: set[int] = set()
+        results: list[np.ndarray] = []
+        left: list[int] = []
+
+        def admit(requests: list[_Request]) -> list[list[tuple[int, int]]]:
+            first = len(batch) if results else 0
+            if results:
+                batch.extend(requests)
+            results.extend(np.empty((len(r.texts), embedder.dim), dtype=np.float32) for r in requests)
+            left.extend(len(r.texts) for r in requests)
+            slots = [(first + i, j) for i, r in enumerate(requests) for j in range(len(r.texts))]
+            slots.sort(key=lambda slot: len(batch[slot[0]].texts[slot[1]]))
+            return self._passes(slots, batch)
+
+        chunks = admit(batch)
+        joined = 0
         running: deque[tuple[list[tuple[int, int]], asyncio.Future[np.ndarray]]] = deque()
         k = 0
         while k < len(chunks) or running:
             while k < len(chunks) and len(running) < _PASSES_AHEAD:
-                if started and not cut and self._newcomer(batch):
-                    # Someone new waits: keep only the requests already under way, requeue the rest.
-                    cut = True
-                    rest = [slot for chunk in chunks[k:] for slot in chunk if slot[0] in started]
-                    self._requeue([r for i, r in enumerate(batch) if i not in started])
-                    chunks[k:] = self._passes(rest, batch)
-                    if k >= len(chunks):
-                        break
+                if k > 0 and joined < embedder.batch_size:
+                    joiners = self._take_newcomers(batch, embedder.batch_size - joined)
+                    if joiners:
+                        joined += sum(len(r.texts) for r in joiners)
+                        chunks[k:] = admit(joiners) + chunks[k:]
                 chunk = chunks[k]
                 k += 1
-                started.update(i for i, _ in chunk)
                 texts = [batch[i].texts[j] for i, j in chunk]
                 running.append((chunk, loop.run_in_executor(embedder._executor, embedder.encode, texts)))
-            if not running:
-                break
             chunk, forward = running.popleft()
             try:
                 vectors = await forward
