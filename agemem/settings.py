@@ -179,7 +179,13 @@ class MemorySettings(_Section):
     host: str = Field("127.0.0.1", min_length=1, description="Interface the tool server binds.")
     port: int = Field(8765, ge=0, le=65535, description="Port of the tool server.")
     server_url: str | None = Field(None, description="Use this running tool server; None = in-process store.")
-    server_token: SecretStr | None = Field(None, description="Required on POST /sessions when set.")
+    server_token: SecretStr | None = Field(
+        None, description="Required on POST /sessions when set; also the key of the admin view (/admin)."
+    )
+    spaces_file: Path = Field(
+        Path("runs/memory-spaces.json"),
+        description="Where this machine keeps the session tokens of its named memory spaces (mode 0600).",
+    )
     max_connections: int = Field(
         2048, ge=1, description="Open connections plus running requests before the server answers 503."
     )
@@ -386,31 +392,48 @@ class WarmStartSettings(_Section):
     batch_segments: int = Field(4, ge=1, description="Segments per optimizer step.")
 
 
-class EvalSettings(_Section):
-    """Evaluation runs (also the paper's ablations, through the episode section's flags)."""
+class PolicySettings(_Section):
+    """What plays the agent: a checkpoint (directory or ``models:/`` URI), an endpoint, or the scripted agent."""
 
     policy: Literal["checkpoint", "openai", "dashscope", "scripted"] = Field(
         "checkpoint", description="What plays: a local checkpoint, an endpoint, or the scripted agent."
     )
-    model: str | None = Field(None, description="Checkpoint path or endpoint model name.")
+    model: str | None = Field(
+        None, description="Checkpoint directory or models:/ URI (policy=checkpoint; None = the newest local "
+        "checkpoint), or the endpoint's model name."
+    )
     base_url: str | None = Field(None, description="OpenAI-compatible URL of the policy endpoint (policy=openai).")
     api_key: SecretStr | None = Field(None, description="Key for the openai/dashscope policy endpoint.")
     timeout_s: float = Field(120.0, gt=0, description="Per-turn timeout of an endpoint policy.")
+    concurrency: int = Field(4, ge=1, description="Episodes evaluated (or endpoint calls made) at once.")
+
+    @model_validator(mode="after")
+    def _endpoint_needs(self) -> "PolicySettings":
+        if self.policy == "openai" and not self.base_url:
+            raise ValueError("policy 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
+class EvalSettings(PolicySettings):
+    """Evaluation runs (also the paper's ablations, through the episode section's flags)."""
+
     split: Literal["eval", "train", "all"] = Field(
         "eval", description="Which episodes to evaluate; 'eval' falls back to all when the file has none."
     )
     limit: int | None = Field(None, ge=1, description="Evaluate the first N episodes (None = all).")
-    concurrency: int = Field(4, ge=1, description="Episodes evaluated at once.")
     output_dir: Path = Field(Path("runs/eval"), description="Reports land in <output_dir>/<policy>-<time>.")
     compare_checkpoints: bool = Field(
         False, description="The pipeline also evaluates the base and warm-start models, in one table with GRPO's."
     )
 
-    @model_validator(mode="after")
-    def _endpoint_needs(self) -> "EvalSettings":
-        if self.policy == "openai" and not self.base_url:
-            raise ValueError("policy 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
-        return self
+class ChatSettings(PolicySettings):
+    """``agemem chat`` and the served agent (the registry's MLflow model): the policy and the memory space."""
+
+    space: str = Field(
+        "default", pattern=r"^[A-Za-z0-9_-]{1,58}$",
+        description="Named memory space the chat reads and writes; it persists across chats (memory.spaces_file).",
+    )
+    max_rounds: int = Field(4, ge=1, description="Model calls per user message (tool calls, then the answer).")
 
 
 class TrackingSettings(_Section):
@@ -549,6 +572,7 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     warm_start: WarmStartSettings = WarmStartSettings()
     eval: EvalSettings = EvalSettings()
+    chat: ChatSettings = ChatSettings()
     tracking: TrackingSettings = TrackingSettings()
 
     @field_validator("runs_dir")
@@ -663,7 +687,8 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ keys and sources
-SECTIONS: tuple[str, ...] = ("data", "llm", "judge", "memory", "episode", "train", "warm_start", "eval", "tracking")
+SECTIONS: tuple[str, ...] = ("data", "llm", "judge", "memory", "episode", "train", "warm_start", "eval", "chat",
+                             "tracking")
 
 
 def setting_keys() -> dict[str, str]:
@@ -793,6 +818,7 @@ __all__ = [
     "check_keys",
     "explain_settings",
     "setting_keys",
+    "ChatSettings",
     "DataSettings",
     "EpisodeSettings",
     "EvalSettings",
@@ -800,6 +826,7 @@ __all__ = [
     "LLMSettings",
     "MemorySettings",
     "PROFILES",
+    "PolicySettings",
     "SAMPLE_DATA",
     "Settings",
     "TrackingSettings",

@@ -7,7 +7,7 @@ stage 3 runs on top of the stage-2 context.
 
 The engine reads like verl's ``ToolAgentLoop``: :class:`EpisodeState` holds the episode, the
 :class:`~agemem.agent.segments.SegmentRecorder` keeps the token segments, the
-:class:`~agemem.agent.executor.ToolExecutor` runs tool calls, and :class:`_StageDriver` below is the
+:class:`~agemem.agent.executor.ToolExecutor` runs tool calls, and :class:`StageDriver` below is the
 state machine: per stage message, rounds of generate -> parse -> execute until an answer, the
 round limit, the auto-summary threshold or an overflow.
 
@@ -16,6 +16,8 @@ Behaviour worth knowing:
   (``no_action_rounds`` and format error ``no_action``) and the next round opens a new
   assistant turn with nothing injected (the reference continued the same assistant message).
 - Tool calls run in order before an ``<answer>`` in the same reply is honoured.
+- A conversation (``agemem chat``, the served agent) is the same machine: one :meth:`StageDriver.turn`
+  per user message, on a context that keeps growing under the same budget.
 - Nothing raises into the rollout: tool and format problems are tool messages and counters, an
   unreachable memory backend is a tool error (and no session at all is a warning).
 - The budget is ``episode.max_context_tokens`` prompt tokens, counted with the policy tokenizer. On
@@ -89,8 +91,13 @@ class EpisodeResult:
         return "\n".join(lines)
 
 
-class _StageDriver:
-    """The state machine of one episode: stage messages, rounds, budget, answers."""
+class StageDriver:
+    """The state machine of one episode (or conversation): stage messages, rounds, budget, answers.
+
+    :meth:`run` plays the three stages of a script; :meth:`turn` is one injected message and the
+    rounds that answer it, which a conversation (:mod:`agemem.agent.conversation`) calls per user
+    message.
+    """
 
     def __init__(self, engine: "EpisodeEngine", state: EpisodeState, *, mode: str, policy: Any,
                  request_id: str, sampling: dict[str, Any]) -> None:
@@ -182,6 +189,7 @@ class _StageDriver:
 
     def _answered(self, answer: str) -> None:
         s = self.state
+        s.last_answer = answer
         if s.stage == 3:
             s.stats.final_answer = answer
             s.stats.answered = True
@@ -385,6 +393,14 @@ class EpisodeEngine:
                                                                         cfg.max_context_tokens),
                             recorder=SegmentRecorder(self.tokenizer), stats=stats, session=session)
 
+    def driver(self, state: EpisodeState, policy: Any, *, mode: str, request_id: str | None = None,
+               sampling: dict[str, Any] | None = None) -> StageDriver:
+        """The state machine over ``state`` for ``policy`` (``mode``: tokens | chat | teacher)."""
+        if mode not in ("tokens", "chat", "teacher"):
+            raise ValueError(f"unknown policy mode {mode!r}: tokens, chat or teacher")
+        return StageDriver(self, state, mode=mode, policy=policy, request_id=request_id or uuid.uuid4().hex,
+                           sampling=sampling if sampling is not None else self.sampling_params())
+
     async def open_session(self, label: str) -> MemorySession | None:
         """A memory session for one trajectory, or None (with a warning) when memory is unavailable."""
         if self.memory is None:
@@ -410,7 +426,7 @@ class EpisodeEngine:
         if owned:
             session = await self.open_session(script.episode_id)
         state = self.new_state(script, session)
-        driver = _StageDriver(self, state, mode=mode, policy=policy, request_id=request_id, sampling=sampling)
+        driver = self.driver(state, policy, mode=mode, request_id=request_id, sampling=sampling)
         try:
             await driver.run()
             await self._finish(state)
@@ -474,4 +490,4 @@ class EpisodeEngine:
         stats.retrieval_relevance, stats.retrieval_relevance_source = relevance.score, relevance.source
 
 
-__all__ = ["Closer", "EpisodeEngine", "EpisodeResult", "Segment"]
+__all__ = ["Closer", "EpisodeEngine", "EpisodeResult", "Segment", "StageDriver"]

@@ -161,4 +161,18 @@ def parse_response(text: Any) -> ParsedResponse:
     return out
 
 
-__all__ = ["FormatIssue", "ParsedResponse", "parse_response"]
+_TAGS = re.compile(r"</?(?:think|tool_call|answer)>", re.IGNORECASE)
+
+
+def visible_text(text: str) -> str:
+    """What a reader would take for the reply when a turn has no ``<answer>``: the text outside
+    ``<think>`` and ``<tool_call>`` blocks, tags removed (an unclosed block runs to the end)."""
+    text = _TOOL_BLOCK.sub(" ", _THINK.sub(" ", text or ""))
+    for tag in ("<think>", "<tool_call>"):
+        at = _find(text, tag)
+        if at != -1:
+            text = text[:at]
+    return " ".join(_TAGS.sub(" ", text).split())
+
+
+__all__ = ["FormatIssue", "ParsedResponse", "parse_response", "visible_text"]

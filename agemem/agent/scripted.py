@@ -227,10 +227,37 @@ class ScriptedChatPolicy:
         return self.replayer.respond(key, rounds, visible)
 
 
+class ScriptedConversationPolicy:
+    """A deterministic chat agent for conversations (``agemem chat --policy scripted``, tests).
+
+    For the latest user message: a question (ending in ``?``) is looked up with Retrieve_memory and
+    answered with the best-matching retrieved sentence; anything else is stored with Add_memory
+    (a leading "remember (that)" dropped) and acknowledged. Retrieval is therefore what the
+    memory store returns, not what the context holds.
+    """
+
+    async def chat(self, messages: Sequence[dict[str, str]], sampling_params: dict[str, Any]) -> str:
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        if last < 0:
+            return "<think>Nothing asked.</think>\n<answer>Hello!</answer>"
+        message = messages[last].get("content", "").strip()
+        after = messages[last + 1:]
+        if message.endswith("?"):
+            if not any(m.get("role") == "assistant" for m in after):
+                return _tool_reply("Look it up in long-term memory.", [_call("Retrieve_memory", query=message, top_k=3)])
+            found = best_retrieved_sentence("\n".join(m.get("content", "") for m in after), message)
+            return f"<think>The best matching memory answers it.</think>\n<answer>{found or 'I do not know.'}</answer>"
+        if not any(m.get("role") == "assistant" for m in after):
+            fact = re.sub(r"^(please\s+)?remember(\s+that)?[:,]?\s*", "", message, flags=re.IGNORECASE) or message
+            return _tool_reply("Worth keeping.", [_call("Add_memory", content=fact[:2000], memory_type="user_info")])
+        return "<think>Stored.</think>\n<answer>Noted.</answer>"
+
+
 __all__ = [
     "COMPACT",
     "ScriptStyle",
     "ScriptedChatPolicy",
+    "ScriptedConversationPolicy",
     "ScriptedTokenPolicy",
     "best_retrieved_sentence",
     "default_responses",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from agemem.agent.context import ContextWindow
 from agemem.agent.segments import SegmentRecorder
@@ -29,6 +29,9 @@ class EpisodeState:
     stage: int = 0
     round_id: int = -1  # rounds of the whole episode (messages remember the round that wrote them)
     stage_round: int = 0  # round within the current stage message
+    last_answer: str | None = None  # the latest <answer>, whatever the stage (a conversation's reply)
+    #: Called with each tool event as it is recorded (``agemem chat --show-tools``).
+    on_event: Callable[[ToolEvent], None] | None = None
 
     def add(self, role: str, content: str, kind: str) -> None:
         """A message enters the context (and the transcript); non-model ones are pending injections."""
@@ -59,13 +62,16 @@ class EpisodeState:
     def record_event(self, name: str, outcome: str, args: dict[str, Any], result: str,
                      data: dict[str, Any] | None = None, *, count: bool = True) -> None:
         """One executed tool call in the event log (kept even when a rewrite removes it from context)."""
-        self.stats.events.append(ToolEvent(
+        event = ToolEvent(
             stage=self.stage, round=self.stage_round, name=name, ok=outcome == "ok", outcome=outcome,
             arguments=dict(args), result=result[: self.cfg.max_tool_result_chars],
             context_tokens=self.ctx.token_count(), data=data or {},
-        ))
+        )
+        self.stats.events.append(event)
         if count:
             self.stats.count_tool(name, outcome)
+        if self.on_event is not None:
+            self.on_event(event)
 
 
 __all__ = ["EpisodeState"]

@@ -10,13 +10,16 @@ from typing import Annotated
 import typer
 
 from agemem import __version__
-from agemem.cli import config, data, doctor, episode, eval, memory, pipeline, train
+from agemem.cli import chat, config, data, doctor, episode, eval, memory, pipeline, train
 from agemem.cli.common import new_app
 
 app = new_app("AgeMem: RL-trained memory management for LLM agents.")
 app.add_typer(data.app, name="data", help="Prepare HotpotQA episodes and synthesize distractors.")
 app.add_typer(config.app, name="config", help="Show the resolved settings and every settable key.")
-app.command("serve-tools", help="Run the memory tool server.")(memory.serve_tools)
+app.add_typer(memory.app, name="memory", help="The memory tool server and its memory: list, show, export, import, "
+                                              "delete spaces and sessions.")
+app.command("serve-tools", help="Run the memory tool server (same as `agemem memory serve`).")(memory.serve_tools)
+app.command("chat", help="Chat with the memory agent; long-term memory in a named space.")(chat.chat)
 app.command("episode", help="Run one episode and print its transcript and reward.")(episode.episode)
 app.command("train", help="GRPO training with verl (GPUs) or the local trainer (CPU / one GPU).")(train.train)
 app.command("eval", help="Evaluate a model with the episode engine and the judge.")(eval.evaluate)

@@ -1,10 +1,14 @@
-"""The policies an evaluation can drive: a local checkpoint, an endpoint, or the scripted policy.
+"""The policies the episode engine can drive: a local checkpoint, an endpoint, or the scripted policy.
+
+One loader for evaluation, ``agemem episode``, ``agemem chat`` and the served agent; each names its
+settings section (``eval`` or ``chat``, both :class:`~agemem.settings.PolicySettings`).
 
 - ``checkpoint``: a transformers model (an HF directory, or a PEFT adapter over
   ``train.model``) behind the local trainer's :class:`LocalTokenServer` (token-level, like verl).
 - ``openai``: any OpenAI-compatible chat endpoint (a vLLM server) via :mod:`agemem.llm`.
 - ``dashscope``: DashScope via :mod:`agemem.llm`.
-- ``scripted``: :class:`ScriptedChatPolicy`, deterministic and model-free (smoke runs, tests).
+- ``scripted``: :class:`ScriptedChatPolicy` per episode script, :class:`ScriptedConversationPolicy`
+  for a conversation; deterministic and model-free (smoke runs, tests).
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from agemem.agent.policy import LLMChatPolicy
-from agemem.agent.scripted import ScriptedChatPolicy
+from agemem.agent.scripted import ScriptedChatPolicy, ScriptedConversationPolicy
 from agemem.llm import LLMClient, build_backend
-from agemem.settings import LLMSettings
+from agemem.settings import LLMSettings, PolicySettings
 from agemem.tracking.uris import is_model_uri, resolve_model_uri
 from agemem.train.models import (
     RANDOM_WEIGHTS_LABEL,
@@ -39,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PolicyHandle:
-    """How to run one episode: ``mode`` 'tokens' or 'chat', and a factory per episode script."""
+    """How to run the engine: ``mode`` 'tokens' or 'chat', a policy factory per episode script and
+    one for a conversation; ``close`` releases what the policy holds (an endpoint's client)."""
 
     mode: str
     for_script: Callable[["EpisodeScript"], Any]
@@ -47,6 +52,12 @@ class PolicyHandle:
     label: str
     close: Callable[[], Any] | None = None
     random_weights: bool = False
+    for_conversation: Callable[[], Any] | None = None
+
+    def conversation_policy(self) -> Any:
+        if self.for_conversation is None:
+            raise ValueError(f"policy {self.label} cannot hold a conversation")
+        return self.for_conversation()
 
 
 def adapter_base_model(settings: "Settings", adapter_dir: Path) -> str:
@@ -101,10 +112,12 @@ def load_checkpoint_model(settings: "Settings", model_path: Path | str, device: 
     return model, tokenizer
 
 
-def checkpoint_path(settings: "Settings", model: Path | str | None = None) -> tuple[Path, str]:
-    """The checkpoint an evaluation loads and how to name it: ``model`` (a directory or a ``models:/``
-    URI), else ``eval.model``, else the newest local checkpoint of the current training configuration."""
-    chosen = model if model is not None else settings.eval.model
+def checkpoint_path(settings: "Settings", model: Path | str | None = None,
+                    section: PolicySettings | None = None) -> tuple[Path, str]:
+    """The checkpoint to load and how to name it: ``model`` (a directory or a ``models:/`` URI), else
+    ``section.model`` (default ``eval.model``), else the newest local checkpoint of the current
+    training configuration."""
+    chosen = model if model is not None else (section or settings.eval).model
     if chosen is None:
         newest = newest_local_policy(settings)
         if newest is None:
@@ -125,35 +138,49 @@ def checkpoint_path(settings: "Settings", model: Path | str | None = None) -> tu
     return Path(chosen), f"checkpoint:{chosen}"
 
 
-def build_policy(settings: "Settings", model_path: Path | str | None = None) -> PolicyHandle:
-    """The policy ``settings.eval.policy`` names; ``model_path`` (a directory or a ``models:/`` URI)
-    overrides ``eval.model``."""
-    cfg = settings.eval
+def build_policy(settings: "Settings", model_path: Path | str | None = None, *,
+                 section: PolicySettings | None = None) -> PolicyHandle:
+    """The policy ``section.policy`` names (``section``: default ``settings.eval``; ``settings.chat``
+    for a conversation); ``model_path`` (a directory or a ``models:/`` URI) overrides ``section.model``."""
+    cfg = section or settings.eval
     if cfg.policy == "scripted":
-        return PolicyHandle("chat", ScriptedChatPolicy, None, "scripted")
+        return PolicyHandle("chat", ScriptedChatPolicy, None, "scripted", for_conversation=ScriptedConversationPolicy)
     if cfg.policy == "checkpoint":
-        from agemem.train.token_server import LocalTokenServer  # torch: only for checkpoints
-
-        path, label = checkpoint_path(settings, model_path)
-        device = resolve_device(settings.train.device)
-        model, tokenizer = load_checkpoint_model(settings, path, device)
-        if has_random_weights(model):
-            label += f" [{RANDOM_WEIGHTS_LABEL}]"
-        server = LocalTokenServer(model, tokenizer, device=device, default_max_tokens=settings.episode.max_turn_tokens)
-        return PolicyHandle("tokens", lambda script: server, tokenizer, label, random_weights=has_random_weights(model))
+        return _checkpoint_policy(settings, model_path, cfg)
     if not cfg.model:
-        raise ValueError(f"eval.policy={cfg.policy} needs eval.model (the endpoint's model name)")
+        raise ValueError(f"policy {cfg.policy} needs the endpoint's model name (--model or "
+                         f"{_key(settings, cfg)}.model)")
     if cfg.policy == "openai" and not cfg.base_url:
-        raise ValueError("eval.policy=openai needs eval.base_url (e.g. http://127.0.0.1:8000/v1)")
-    section = LLMSettings(backend=cfg.policy, model=cfg.model, base_url=cfg.base_url, api_key=cfg.api_key,
-                          timeout_s=cfg.timeout_s, concurrency=cfg.concurrency)
-    key = settings.secret_for(section)
-    client = LLMClient(build_backend(section, key), model=cfg.model, timeout_s=cfg.timeout_s,
-                       max_retries=section.max_retries, backoff_s=section.backoff_s, concurrency=cfg.concurrency,
-                       temperature=settings.episode.temperature, max_tokens=settings.episode.max_turn_tokens,
-                       seed=section.seed)
+        raise ValueError(f"policy openai needs the endpoint's URL, e.g. http://127.0.0.1:8000/v1 "
+                         f"({_key(settings, cfg)}.base_url)")
+    section_llm = LLMSettings(backend=cfg.policy, model=cfg.model, base_url=cfg.base_url, api_key=cfg.api_key,
+                              timeout_s=cfg.timeout_s, concurrency=cfg.concurrency)
+    key = settings.secret_for(section_llm)
+    client = LLMClient(build_backend(section_llm, key), model=cfg.model, timeout_s=cfg.timeout_s,
+                       max_retries=section_llm.max_retries, backoff_s=section_llm.backoff_s,
+                       concurrency=cfg.concurrency, temperature=settings.episode.temperature,
+                       max_tokens=settings.episode.max_turn_tokens, seed=section_llm.seed)
     policy = LLMChatPolicy(client)
-    return PolicyHandle("chat", lambda script: policy, None, f"{cfg.policy}:{cfg.model}", close=client.aclose)
+    return PolicyHandle("chat", lambda script: policy, None, f"{cfg.policy}:{cfg.model}", close=client.aclose,
+                        for_conversation=lambda: policy)
+
+
+def _key(settings: "Settings", section: PolicySettings) -> str:
+    return "chat" if section is settings.chat else "eval"
+
+
+def _checkpoint_policy(settings: "Settings", model_path: Path | str | None, cfg: PolicySettings) -> PolicyHandle:
+    from agemem.train.token_server import LocalTokenServer  # torch: only for checkpoints
+
+    path, label = checkpoint_path(settings, model_path, cfg)
+    device = resolve_device(settings.train.device)
+    model, tokenizer = load_checkpoint_model(settings, path, device)
+    random = has_random_weights(model)
+    if random:
+        label += f" [{RANDOM_WEIGHTS_LABEL}]"
+    server = LocalTokenServer(model, tokenizer, device=device, default_max_tokens=settings.episode.max_turn_tokens)
+    return PolicyHandle("tokens", lambda script: server, tokenizer, label, random_weights=random,
+                        for_conversation=lambda: server)
 
 
 __all__ = ["PolicyHandle", "adapter_base_model", "build_policy", "checkpoint_path", "load_checkpoint_model"]

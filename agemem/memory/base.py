@@ -42,7 +42,13 @@ class MemoryUnavailableError(RuntimeError):
 
 @runtime_checkable
 class MemoryClient(Protocol):
-    async def create_session(self) -> MemorySession: ...
+    async def create_session(self, space: str | None = None) -> MemorySession:
+        """A new session; ``space`` names a persistent memory space (:mod:`agemem.memory.spaces`)."""
+        ...
+
+    async def check_session(self, session: MemorySession) -> None:
+        """Raise unless the session exists and its token opens it."""
+        ...
 
     async def call_tool(self, session: MemorySession, tool_name: str, arguments: dict[str, Any]) -> ToolResult: ...
 

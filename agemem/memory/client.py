@@ -19,7 +19,7 @@ import httpx
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from agemem.memory.arguments import INVALID_ARGUMENTS
+from agemem.memory.arguments import INVALID_ARGUMENTS, ArgumentError
 from agemem.memory.base import MEMORY_TOOLS, MemoryClient, MemoryItem, MemorySession, MemoryUnavailableError, ToolResult
 from agemem.memory.server import IDEMPOTENCY_HEADER
 from agemem.memory.service import (
@@ -27,6 +27,7 @@ from agemem.memory.service import (
     MemorySessionError,
     SessionAuthError,
     SessionLimitError,
+    SpaceExistsError,
     UnknownSessionError,
     unknown_tool,
 )
@@ -42,8 +43,11 @@ class InProcessMemoryClient:
         self.service = service
         self._owns_service = owns_service
 
-    async def create_session(self) -> MemorySession:
-        return await self.service.create_session()
+    async def create_session(self, space: str | None = None) -> MemorySession:
+        return await self.service.create_session(space=space)
+
+    async def check_session(self, session: MemorySession) -> None:
+        await self.service.authenticate(session.session_id, session.session_token)
 
     async def call_tool(self, session: MemorySession, tool_name: str, arguments: dict[str, Any]) -> ToolResult:
         return await self.service.call_tool(session, tool_name, arguments)
@@ -145,15 +149,27 @@ class HttpMemoryClient:
         if response.status_code in (401, 403):
             raise SessionAuthError(detail or "session token refused")
 
-    async def create_session(self) -> MemorySession:
+    async def create_session(self, space: str | None = None) -> MemorySession:
         headers = self._auth(self._server_token) if self._server_token else {}
-        response = await self._request("POST", "/sessions", headers=headers)
+        body = {"json": {"space": space}} if space is not None else {}
+        response = await self._request("POST", "/sessions", headers=headers, **body)
         if response.status_code in (401, 403):
             raise SessionAuthError(f"server token refused: {_detail(response)} (memory.server_token)")
+        if response.status_code == 409:
+            raise SpaceExistsError(_detail(response))
+        if response.status_code == 422:
+            raise ArgumentError(_detail(response))
         if response.status_code == 429:
             raise SessionLimitError(f"memory tool server at {self.base_url}: {_detail(response)}")
         response.raise_for_status()
         return MemorySession.model_validate(response.json())
+
+    async def check_session(self, session: MemorySession) -> None:
+        """Raise :class:`UnknownSessionError` or :class:`SessionAuthError` unless the token opens the session."""
+        response = await self._request("GET", f"{self._session_path(session)}/memories",
+                                       headers=self._auth(session.session_token), params={"limit": 1})
+        self._session_error(response)
+        response.raise_for_status()
 
     async def call_tool(self, session: MemorySession, tool_name: str, arguments: dict[str, Any]) -> ToolResult:
         if tool_name not in MEMORY_TOOLS:

@@ -2,9 +2,10 @@
 
 Status codes: 201 new session, 200 tool result (``ok`` false for a tool-level failure), 204
 session deleted; 401 missing / 403 wrong token (the body never holds the session's data), 404
-unknown session or tool, 408 request body not received in time, 413 content or body too large,
-422 malformed arguments, 429 too many live sessions, 503 when the store fails or the server is
-at ``memory.max_connections``. Client input never produces any other 5xx.
+unknown session or tool, 408 request body not received in time, 409 a named space that exists,
+413 content or body too large, 422 malformed arguments, 429 too many live sessions, 503 when the
+store fails or the server is at ``memory.max_connections``. Client input never produces any other
+5xx. The admin view (``/admin``, :mod:`agemem.memory.admin`) needs the server token.
 
 Connections are bounded: a request head must arrive within ``memory.header_timeout_s``, a body
 within ``memory.body_timeout_s``, idle keep-alive connections close after
@@ -24,12 +25,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 from pymilvus.exceptions import MilvusException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agemem.memory.admin import MemoryAdmin, add_admin_routes
 from agemem.memory.arguments import ArgumentError
 from agemem.memory.base import MemoryItem, MemorySession, MemoryUnavailableError, ToolResult
 from agemem.memory.service import (
@@ -39,6 +42,7 @@ from agemem.memory.service import (
     MemoryService,
     SessionAuthError,
     SessionLimitError,
+    SpaceExistsError,
     UnknownSessionError,
 )
 from agemem.settings import Settings
@@ -131,6 +135,14 @@ async def _no_receive() -> Message:  # pragma: no cover - JSONResponse never rea
 _bearer = HTTPBearer(auto_error=False, description="Session token from POST /sessions (or the server token).")
 
 
+class NewSession(BaseModel):
+    """The optional body of ``POST /sessions``."""
+
+    model_config = ConfigDict(extra="forbid")
+    space: str | None = Field(None, description="Create the named memory space 'space-<name>' (kept until deleted, "
+                                                "never expired); 1-58 letters, digits, '_' or '-'.")
+
+
 def create_app(service: MemoryService, settings: Settings) -> FastAPI:
     """The tool server's ASGI app over ``service``.
 
@@ -168,6 +180,10 @@ def create_app(service: MemoryService, settings: Settings) -> FastAPI:
         code = status.HTTP_401_UNAUTHORIZED if "missing" in str(exc) else status.HTTP_403_FORBIDDEN
         return JSONResponse({"detail": str(exc)}, status_code=code, headers={"WWW-Authenticate": "Bearer"})
 
+    @app.exception_handler(SpaceExistsError)
+    async def _space_exists(_: Request, exc: SpaceExistsError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+
     @app.exception_handler(SessionLimitError)
     async def _full(_: Request, exc: SessionLimitError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_429_TOO_MANY_REQUESTS)
@@ -193,10 +209,12 @@ def create_app(service: MemoryService, settings: Settings) -> FastAPI:
         "/sessions",
         status_code=status.HTTP_201_CREATED,
         response_model=MemorySession,
-        responses={429: {"description": "memory.max_sessions live sessions exist"}},
+        responses={409: {"description": "the named space exists"},
+                   429: {"description": "memory.max_sessions live sessions exist"}},
     )
     async def create_session(
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+        body: NewSession | None = Body(None),
     ) -> MemorySession:
         if server_token is not None:
             given = token_of(credentials) or ""
@@ -204,7 +222,7 @@ def create_app(service: MemoryService, settings: Settings) -> FastAPI:
                 raise HTTPException(status.HTTP_401_UNAUTHORIZED, "server token required", {"WWW-Authenticate": "Bearer"})
             if not hmac.compare_digest(given.encode(), server_token.get_secret_value().encode()):
                 raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong server token")
-        return await service.create_session()
+        return await service.create_session(space=body.space if body is not None else None)
 
     @app.post(
         "/sessions/{session_id}/tools/{tool_name}",
@@ -274,6 +292,7 @@ def create_app(service: MemoryService, settings: Settings) -> FastAPI:
         await service.delete(session_id, token_of(credentials))
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
+    add_admin_routes(app, MemoryAdmin(service), server_token)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.memory.max_body_bytes, timeout_s=settings.memory.body_timeout_s
     )

@@ -35,6 +35,7 @@ from agemem.memory import arguments as A
 from agemem.memory.arguments import CONTENT_TOO_LARGE, EMPTY, INVALID_ARGUMENTS, ArgumentError, ArgumentLimits
 from agemem.memory.base import MEMORY_TOOLS, MemoryItem, MemorySession, MemoryUnavailableError, ToolResult
 from agemem.memory.embedder import Embedder, get_embedder
+from agemem.memory.spaces import space_name, space_session_id
 from agemem.memory.store import MemoryNotFoundError, MilvusMemoryStore
 from agemem.settings import MemorySettings, Settings
 
@@ -58,6 +59,10 @@ class UnknownSessionError(MemorySessionError):
 
 class SessionAuthError(MemorySessionError):
     """Missing or wrong session token."""
+
+
+class SpaceExistsError(MemorySessionError):
+    """A memory space of that name exists already (its token is with whoever created it)."""
 
 
 class SessionLimitError(MemoryUnavailableError):
@@ -176,6 +181,7 @@ class MemoryService:
         self._readers = ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="agemem-store-read")
         self._writers = ThreadPoolExecutor(max_workers=_WRITE_THREADS, thread_name_prefix="agemem-store-write")
         self._request_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._creating: set[str] = set()  # spaces being created (a second create of one is refused)
         self.expired = 0
 
     @classmethod
@@ -207,7 +213,10 @@ class MemoryService:
 
     # -- sessions -------------------------------------------------------------------------------
 
-    async def create_session(self) -> MemorySession:
+    async def create_session(self, space: str | None = None) -> MemorySession:
+        """A new session; with ``space``, the named memory space ``space-<name>``, which the idle
+        sweeper never deletes (:class:`SpaceExistsError` if it exists, ``ArgumentError`` for a bad name)."""
+        session_id = secrets.token_hex(16) if space is None else space_session_id(space)
         if self._live is None:
             count = len(await self._read(self.store.sessions))
             if self._live is None:
@@ -219,8 +228,22 @@ class MemoryService:
                 f"the memory server holds {self._live} live sessions, its limit (memory.max_sessions); "
                 "delete finished sessions (idle ones expire after memory.session_idle_ttl_s)"
             )
-        self._live += 1
-        session = MemorySession(session_id=secrets.token_hex(16), session_token=secrets.token_urlsafe(32))
+        if space is None:
+            return await self._register(session_id)
+        # Milvus does not refuse a second row with the same primary key: one creation at a time.
+        if session_id in self._creating or session_id in self._sessions or session_id in self._dying:
+            raise SpaceExistsError(f"memory space {space!r} exists")
+        self._creating.add(session_id)
+        try:
+            if await self._read(self.store.session_token_hash, session_id) is not None:
+                raise SpaceExistsError(f"memory space {space!r} exists")
+            return await self._register(session_id)
+        finally:
+            self._creating.discard(session_id)
+
+    async def _register(self, session_id: str) -> MemorySession:
+        self._live = (self._live or 0) + 1
+        session = MemorySession(session_id=session_id, session_token=secrets.token_urlsafe(32))
         digest = hash_token(session.session_token, self._secret)
         try:
             await self._write(self.store.put_session, session.session_id, digest)
@@ -237,12 +260,28 @@ class MemoryService:
         Raises :class:`UnknownSessionError` or :class:`SessionAuthError`. A deletion of the
         session that starts meanwhile waits until the block ends.
         """
+        async with self._holding(session_id):
+            await self._authenticate(session_id, token)
+            yield session_id
+
+    @contextlib.asynccontextmanager
+    async def hold(self, session_id: Any) -> AsyncIterator[str]:
+        """Hold an existing session without its token (the admin view, behind the server token)."""
+        async with self._holding(session_id):
+            if session_id not in self._sessions:
+                # Not cached here: looking at a session must not count as using it (the idle expiry).
+                digest = await self._read(self.store.session_token_hash, session_id)
+                if digest is None or session_id in self._dying:
+                    raise UnknownSessionError("unknown session")
+            yield session_id
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, session_id: Any) -> AsyncIterator[None]:
         if not A.is_safe_token(session_id) or session_id in self._dying:
             raise UnknownSessionError("unknown session")
         self._active[session_id] = self._active.get(session_id, 0) + 1
         try:
-            await self._authenticate(session_id, token)
-            yield session_id
+            yield
         finally:
             left = self._active[session_id] - 1
             if left:
@@ -326,8 +365,9 @@ class MemoryService:
             self._live = len(stored)
         expired = 0
         for session_id, created in stored.items():
-            state = self._sessions.get(session_id)
-            last = state.last_used if state is not None else max(created, self._started_at)
+            if space_name(session_id) is not None:
+                continue  # a named space lives until it is deleted on purpose
+            last = self.idle_since(session_id, created)
             if now - last < self.config.session_idle_ttl_s or self._active.get(session_id) or session_id in self._dying:
                 continue
             try:
@@ -349,6 +389,59 @@ class MemoryService:
                 await self.sweep_idle()
             except Exception as exc:  # noqa: BLE001 - a store hiccup must not end the sweeping
                 logger.warning("session sweep failed: %s", exc)
+
+    def last_used(self, session_id: str) -> float | None:
+        """When this process last saw the session used (None: not since it started)."""
+        state = self._sessions.get(session_id)
+        return state.last_used if state is not None else None
+
+    def idle_since(self, session_id: str, created: float) -> float:
+        """Where the session's idle clock starts: its last use, else its creation or this process's
+        start, whichever is later (a restart does not expire every session at once)."""
+        last = self.last_used(session_id)
+        return last if last is not None else max(created, self._started_at)
+
+    async def stored_sessions(self) -> dict[str, float]:
+        """Every session in the store: id -> creation time."""
+        return await self._read(self.store.sessions)
+
+    async def memory_count(self, session_id: str) -> int:
+        return await self._read(self.store.count_memories, session_id)
+
+    async def import_memories(self, session_id: str, items: list[MemoryItem]) -> int:
+        """Add exported memories (types, metadata and times kept) to a session held by :meth:`hold`.
+
+        An id no session uses is kept (an export imported after its space was deleted comes back
+        as it was); one in use elsewhere gets an id derived from it and this session, so importing
+        the same export twice adds nothing the second time. How many were added; ``ArgumentError``
+        names a bad item.
+        """
+        for i, item in enumerate(items):
+            try:
+                A.check_memory_id(item.memory_id)
+                A.check_text("content", item.content, self.limits)
+                A.check_memory_type(item.memory_type)
+                A.check_metadata(item.metadata, self.limits)
+            except ArgumentError as exc:
+                raise ArgumentError(f"memory {i + 1} ({ascii(item.memory_id[:64])}): {exc}", exc.kind) from None
+        have = await self._read(self.store.memory_ids, session_id)
+        fresh = {m.memory_id: m for m in items
+                 if m.memory_id not in have and _derived_id(session_id, m.memory_id) not in have}
+        cap = self.config.max_memories_per_session
+        if len(have) + len(fresh) > cap:
+            raise ArgumentError(f"the session holds {len(have)} memories; adding {len(fresh)} passes "
+                                f"memory.max_memories_per_session ({cap})", MEMORY_LIMIT)
+        if not fresh:
+            return 0
+        taken = await self._read(self.store.taken_ids, list(fresh))
+        rows = [m.model_copy(update={"score": None, "memory_id": _derived_id(session_id, mid) if mid in taken else mid})
+                for mid, m in fresh.items()]
+        vectors = await self.embedder.aencode([m.content for m in rows], owner=session_id)
+        await self._write(self.store.add, session_id, rows, vectors)
+        state = self._sessions.get(session_id)
+        if state is not None and state.memories is not None:
+            state.memories += len(rows)
+        return len(rows)
 
     async def list_memories(self, session: MemorySession) -> list[MemoryItem]:
         async with self.session(session.session_id, session.session_token):
@@ -552,6 +645,7 @@ __all__ = [
     "RetrieveArgs",
     "SessionAuthError",
     "SessionLimitError",
+    "SpaceExistsError",
     "TOOL_ARGS",
     "UNKNOWN_TOOL",
     "UnknownSessionError",

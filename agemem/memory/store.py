@@ -621,6 +621,23 @@ class MilvusMemoryStore:
         items = sorted((self._item(r) for r in rows), key=lambda m: (m.created_at, m.memory_id))
         return items, more
 
+    def memory_ids(self, session_id: str) -> set[str]:
+        """The ids of a session's memories."""
+        expr = f"session_id == {_quote(session_id)}"
+        return {r["id"] for r in self._query_all(self.collection, expr, ["id"], **self._scope(session_id))}
+
+    def taken_ids(self, ids: list[str]) -> set[str]:
+        """Which of ``ids`` any session uses (a primary key is unique across the whole collection:
+        a second row with it would be deleted along with the first)."""
+        taken: set[str] = set()
+        for start in range(0, len(ids), 1000):
+            chunk = [i for i in ids[start:start + 1000] if is_safe_token(i)]
+            if chunk:
+                expr = f"id in [{', '.join(_quote(i) for i in chunk)}]"
+                taken.update(r["id"] for r in self._client.query(self.collection, filter=expr, output_fields=["id"],
+                                                                 limit=len(chunk)))
+        return taken
+
     def count_memories(self, session_id: str) -> int:
         """Rows of one session."""
         rows = self._client.query(
