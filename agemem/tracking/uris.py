@@ -44,10 +44,28 @@ def _version_of(settings: "Settings", name: str, alias: str | None, version: str
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException:
-        what = f"alias {alias!r}" if alias else f"version {version}"
-        raise LookupError(f"registered model {name!r} has no {what} in {settings.tracking_uri}; run the pipeline "
-                          "first (or pass a checkpoint directory)") from None
+        raise LookupError(_missing(client, settings, name, alias, version)) from None
     return str(found.version)
+
+
+def _missing(client: object, settings: "Settings", name: str, alias: str | None, version: str | None) -> str:
+    """One line: what is missing, what the registry has instead and how to get what was asked for."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = sorted(client.get_registered_model(name).aliases or {})  # type: ignore[attr-defined]
+    except MlflowException:
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        return (f"registered model {name!r} has no {what} in {settings.tracking_uri} (no such model); run the "
+                "pipeline first (or pass a checkpoint directory)")
+    have = f"it has {', '.join(f'@{a}' for a in aliases)}" if aliases else "it has no aliases"
+    if alias is None:
+        return f"registered model {name!r} has no version {version} in {settings.tracking_uri} ({have})"
+    fix = "; use one of those"
+    if alias == "champion" and "candidate" in aliases:
+        fix = ("; the champion gate has not crowned a version (a RANDOM WEIGHTS model is crowned only with "
+               f"tracking.crown_random_weights=true): use models:/{name}@candidate")
+    return f"registered model {name!r} has no alias {alias!r} in {settings.tracking_uri} ({have}){fix}"
 
 
 def resolve_model_uri(settings: "Settings", uri: str) -> ResolvedModel:
