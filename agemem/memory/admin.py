@@ -13,12 +13,13 @@ import hmac
 import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Query, status
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, SecretStr
 
 from agemem.memory.base import MemoryItem, MemorySession
+from agemem.memory.bodies import body_schema, parse_body
 from agemem.memory.spaces import space_name
 
 if TYPE_CHECKING:
@@ -112,6 +113,11 @@ def _guard(server_token: SecretStr | None) -> Any:
     return Depends(check)
 
 
+def _required(extra: dict[str, Any]) -> dict[str, Any]:
+    extra["requestBody"]["required"] = True
+    return extra
+
+
 def add_admin_routes(app: FastAPI, admin: MemoryAdmin, server_token: SecretStr | None) -> None:
     """``/admin/sessions`` (list), ``/admin/sessions/{id}/memories`` (page, import), ``DELETE /admin/sessions/{id}``."""
     guard = [_guard(server_token)]
@@ -134,9 +140,13 @@ def add_admin_routes(app: FastAPI, admin: MemoryAdmin, server_token: SecretStr |
         items, next_cursor = await admin.memories_page(session_id, cursor, limit)
         return {"memories": items, "next_cursor": next_cursor}
 
-    @app.post("/admin/sessions/{session_id}/memories", dependencies=guard, tags=["admin"])
-    async def import_memories(session_id: str, body: ImportBody = Body(...)) -> dict[str, int]:
+    @app.post("/admin/sessions/{session_id}/memories", dependencies=guard, tags=["admin"],
+              responses={422: {"description": "malformed body or memories"}},
+              openapi_extra=_required(body_schema(ImportBody)))
+    async def import_memories(session_id: str, request: Request) -> dict[str, int]:
         """Add exported memories (ids and times kept; ids the session has are skipped)."""
+        body = await parse_body(request, ImportBody)
+        assert body is not None  # required
         return {"imported": await admin.import_memories(session_id, body.memories)}
 
     @app.delete("/admin/sessions/{session_id}", dependencies=guard, tags=["admin"],

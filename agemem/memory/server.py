@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,7 @@ from pymilvus.exceptions import MilvusException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agemem.memory.admin import MemoryAdmin, add_admin_routes
+from agemem.memory.bodies import body_schema, parse_body
 from agemem.memory.arguments import ArgumentError
 from agemem.memory.base import MemoryItem, MemorySession, MemoryUnavailableError, ToolResult
 from agemem.memory.service import (
@@ -210,11 +211,13 @@ def create_app(service: MemoryService, settings: Settings) -> FastAPI:
         status_code=status.HTTP_201_CREATED,
         response_model=MemorySession,
         responses={409: {"description": "the named space exists"},
+                   422: {"description": "malformed body or space name"},
                    429: {"description": "memory.max_sessions live sessions exist"}},
+        openapi_extra=body_schema(NewSession),
     )
     async def create_session(
+        request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-        body: NewSession | None = Body(None),
     ) -> MemorySession:
         if server_token is not None:
             given = token_of(credentials) or ""
@@ -222,6 +225,7 @@ def create_app(service: MemoryService, settings: Settings) -> FastAPI:
                 raise HTTPException(status.HTTP_401_UNAUTHORIZED, "server token required", {"WWW-Authenticate": "Bearer"})
             if not hmac.compare_digest(given.encode(), server_token.get_secret_value().encode()):
                 raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong server token")
+        body = await parse_body(request, NewSession, required=False)
         return await service.create_session(space=body.space if body is not None else None)
 
     @app.post(

@@ -56,6 +56,14 @@ def test_admin_routes_need_the_server_token(tmp_path: Path) -> None:
         assert ok.status_code == 200 and ok.json() == {"sessions": []}
         missing = httpx.get(f"{base_url}/admin/sessions/space-none/memories", headers={"Authorization": f"Bearer {TOKEN}"})
         assert missing.status_code == 404
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        created = httpx.post(f"{base_url}/sessions", json={"space": "ops"}, headers=auth)
+        assert created.status_code == 201 and created.json()["session_id"] == "space-ops"
+        assert httpx.post(f"{base_url}/sessions", json={"space": "ops"}, headers=auth).status_code == 409
+        assert httpx.post(f"{base_url}/sessions", json={"space": "a b"}, headers=auth).status_code == 422
+        garbage = httpx.post(f"{base_url}/sessions", content=b"\xff{", headers=auth)
+        assert garbage.status_code == 422 and "Invalid JSON" in garbage.json()["detail"]
+        assert httpx.post(f"{base_url}/admin/sessions/space-ops/memories", content=b"[", headers=auth).status_code == 422
     with running_server(memory_settings(tmp_path, "open.db")) as (base_url, _s, _svc):
         off = httpx.get(f"{base_url}/admin/sessions", headers={"Authorization": "Bearer anything"})
         assert off.status_code == 403 and "memory.server_token" in off.json()["detail"]

@@ -29,10 +29,15 @@ OPERATIONS = [
     ("POST", "/sessions/{session_id}/tools/{tool_name}"),
     ("GET", "/sessions/{session_id}/memories"),
     ("DELETE", "/sessions/{session_id}"),
+    # The admin view (403 here: the shared server has no server token; tests/memory/test_admin.py).
+    ("GET", "/admin/sessions"),
+    ("GET", "/admin/sessions/{session_id}/memories"),
+    ("POST", "/admin/sessions/{session_id}/memories"),
+    ("DELETE", "/admin/sessions/{session_id}"),
 ]
 REAL_TOOLS = ("Add_memory", "Update_memory", "Delete_memory", "Retrieve_memory")
 # What the contract allows; anything else (and any 5xx) is a bug.
-ALLOWED = {200, 201, 204, 401, 403, 404, 405, 413, 422}
+ALLOWED = {200, 201, 204, 401, 403, 404, 405, 409, 413, 422}
 
 
 @pytest.fixture(scope="module")
