@@ -10,6 +10,7 @@ import typer
 
 from agemem.cli.common import JsonOpt, ProfileOpt, SetOpt, VerboseOpt, command, progress_bar, settings_from_cli
 from agemem.data.prepare import episodes_path as episodes_path_for_settings
+from agemem.eval.hotpot_format import GOLD_FILE, PREDICTIONS_FILE
 from agemem.eval.runner import evaluate as run_eval
 
 HEADLINE = ("n", "judge_score", "em", "f1", "memory_quality", "reward", "rounds", "format_errors", "judge_fallbacks")
@@ -64,9 +65,11 @@ def evaluate(
     summary = {k: result.aggregates.get(k) for k in HEADLINE}
     if as_json:
         typer.echo(json.dumps({"policy": result.label, "random_weights": result.random_weights, **summary,
-                               "report": str(result.report_path), "plot": str(result.plot_path)}, indent=2))
+                               "report": str(result.report_path), "plot": str(result.plot_path),
+                               "hotpot_predictions": str(result.output_dir / PREDICTIONS_FILE)}, indent=2))
         return
     typer.echo(f"policy: {result.label}")
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"report: {result.report_path}")
     typer.echo(f"plot:   {result.plot_path}")
+    typer.echo(f"hotpot: {result.output_dir / PREDICTIONS_FILE} (official format; gold beside it: {GOLD_FILE})")

@@ -23,6 +23,7 @@ from agemem.agent.episode import EpisodeEngine
 from agemem.data.episodes_io import read_episodes
 from agemem.eval.metrics import aggregate, episode_row, error_row
 from agemem.eval.policies import PolicyHandle, build_policy
+from agemem.eval.hotpot_format import write_official
 from agemem.eval.report import render_markdown, write_plot
 from agemem.reward.score import score_episode
 from agemem.train.models import RANDOM_WEIGHTS_NOTE
@@ -171,7 +172,8 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``settings.eval.policy`` (or the checkpoint at ``model_path``) on the eval episodes.
 
-    Writes ``rows.jsonl``, ``aggregates.json``, ``report.md`` and ``plot.png`` under
+    Writes ``rows.jsonl``, ``aggregates.json``, ``report.md``, ``plot.png`` and HotpotQA's official
+    prediction format (``hotpot_pred.json`` with its ``hotpot_gold.json``) under
     ``output_dir`` (default ``<eval.output_dir>/<policy>-<timestamp>``).
     """
     if model_path is not None and settings.eval.policy != "checkpoint":
@@ -197,6 +199,7 @@ def evaluate(
         meta["weights"] = RANDOM_WEIGHTS_NOTE
     title = f"AgeMem evaluation: {_short(label)}"
     report, plot = write_outputs(Path(out), rows, aggregates, title=title, meta=meta)
+    write_official(Path(out), rows, episodes)
     logger.info("evaluated %d questions of %s: J=%.3f EM=%.3f F1=%.3f MQ=%.3f -> %s", len(rows), label,
                 aggregates.get("judge_score", 0), aggregates.get("em", 0), aggregates.get("f1", 0),
                 aggregates.get("memory_quality", 0), report)
