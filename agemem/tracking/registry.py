@@ -1,7 +1,9 @@
 """MLflow model registry: model versions, aliases ``candidate`` / ``champion`` and the champion gate.
 
 Registration logs the LoRA adapter (plus the merged HF model when the base cannot be re-created by
-name, e.g. the tiny random smoke model) as a pyfunc model whose artifacts are those directories.
+name, e.g. the tiny random smoke model) as the memory agent's MLflow model
+(:class:`~agemem.tracking.agent_model.AgememAgent`, a ``ResponsesAgent``) whose artifacts are those
+directories: ``mlflow models serve -m models:/agemem-policy@champion`` serves the agent.
 Version tags carry the headline eval metrics (the rest are metrics of the logged model), whether
 the weights are random, and the adapter's content hash; the hash makes registration idempotent
 (same content -> the same version, nothing new). Alias ``candidate`` always points at the newest
@@ -74,44 +76,6 @@ class Registration:
     model_uri: str
     tags: dict[str, str] = field(default_factory=dict)
     random_weights: bool = False
-
-
-def _pyfunc_model() -> Any:
-    import mlflow.pyfunc
-
-    class AgememPolicy(mlflow.pyfunc.PythonModel):
-        """Loads the merged model, or the base model plus the LoRA adapter, and answers chats."""
-
-        def load_context(self, context: Any) -> None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            arts = context.artifacts
-            if "model" in arts:
-                self.tokenizer = AutoTokenizer.from_pretrained(arts["model"])
-                self.model = AutoModelForCausalLM.from_pretrained(arts["model"])
-            else:
-                from peft import AutoPeftModelForCausalLM
-
-                self.model = AutoPeftModelForCausalLM.from_pretrained(arts["adapter"])
-                self.tokenizer = AutoTokenizer.from_pretrained(self.model.peft_config["default"].base_model_name_or_path)
-
-        def predict(self, context, model_input, params=None):  # untyped: MLflow validates hinted signatures
-            import torch
-
-            prompts = list(model_input["prompt"]) if hasattr(model_input, "__getitem__") and not isinstance(
-                model_input, (list, str)) else ([model_input] if isinstance(model_input, str) else list(model_input))
-            out = []
-            max_new = int((params or {}).get("max_new_tokens", 64))
-            for prompt in prompts:
-                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": str(prompt)}],
-                                                         add_generation_prompt=True, return_tensors="pt")
-                ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
-                with torch.no_grad():
-                    gen = self.model.generate(ids, max_new_tokens=max_new, do_sample=False)
-                out.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-            return out
-
-    return AgememPolicy()
 
 
 def _base_reloadable(settings: "Settings", adapter_dir: Path | None) -> bool:
@@ -214,19 +178,16 @@ def registration_artifacts(settings: "Settings", adapter_dir: Path | None, model
     return artifacts
 
 
-def _log_version(client: "MlflowClient", name: str, artifacts: dict[str, str], tags: dict[str, str],
-                 run_id: str | None, metrics: Mapping[str, Any]) -> Any:
-    """Log the pyfunc model under ``run_id``, its eval metrics, and create its version (alias ``candidate``)."""
+def _log_version(client: "MlflowClient", settings: "Settings", name: str, artifacts: dict[str, str],
+                 tags: dict[str, str], run_id: str | None, metrics: Mapping[str, Any]) -> Any:
+    """Log the agent model (:mod:`agemem.tracking.agent_model`) under ``run_id``, its eval metrics, and
+    create its version (alias ``candidate``)."""
     import mlflow
 
     with mlflow.start_run(run_id=run_id) if run_id else contextlib.nullcontext():
-        info = mlflow.pyfunc.log_model(
-            name="policy",
-            python_model=_pyfunc_model(),
-            artifacts=artifacts,
-            # Explicit requirements: inference would import and probe the whole environment.
-            pip_requirements=["agemem", "transformers", "peft", "torch"],
-        )
+        from agemem.tracking.agent_model import log_agent_model  # mlflow.pyfunc: only when logging
+
+        info = log_agent_model(artifacts, settings)
     _log_model_metrics(client, run_id, info.model_id, metrics)
     version = client.create_model_version(
         name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id,
@@ -275,7 +236,7 @@ def register_model(
                 client.set_model_version_tag(name, version.version, key, value)
         logger.info("model content %s already registered as %s v%s; reusing it", sha[:12], name, version.version)
     else:
-        version = _log_version(client, name, artifacts, tags, run_id, metrics)
+        version = _log_version(client, settings, name, artifacts, tags, run_id, metrics)
     moved, previous, gate = apply_gate(settings, name, str(version.version))
     current = client.get_model_version(name, str(version.version))
     return Registration(

@@ -1,0 +1,139 @@
+"""The registry's agent model (MLflow ``ResponsesAgent``): registered, loaded, predicted, served.
+
+Real MLflow store (sqlite in tmp), a real tiny random transformers checkpoint, real milvus-lite and
+embedder behind the agent's memory tools. A random-weight policy cannot be expected to call a
+tool, so the tool-call checks run the served agent with the scripted policy
+(``AGEMEM_CHAT__POLICY=scripted``, the way a deployment names another policy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agemem.memory.process import free_port
+from agemem.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+URI = "models:/agemem-policy@champion"
+
+
+@pytest.fixture
+def registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """A tiny random checkpoint registered and crowned; MLFLOW_TRACKING_URI points at its store."""
+    from agemem import tracking
+    from agemem.train.models import materialise_tiny_model
+
+    settings = load_settings("smoke", {"runs_dir": str(tmp_path / "train"),
+                                       "tracking": {"crown_random_weights": True},
+                                       "train": {"tiny_hidden_size": 32, "tiny_num_layers": 1},
+                                       "episode": {"max_turn_tokens": 8}})
+    model_dir = materialise_tiny_model(settings, tmp_path / "tiny")
+    from agemem.tracking.runs import configure, stage_run
+
+    configure(settings)
+    with stage_run(settings, None, "register") as run_id:
+        reg = tracking.register_model(settings, adapter_dir=None, model_dir=model_dir, metrics={"judge_score": 0.1},
+                                      run_id=run_id)
+    assert "champion" in reg.aliases
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    monkeypatch.setenv("AGEMEM_RUNS_DIR", str(tmp_path / "serve"))  # where the served agent keeps its memory
+    return settings
+
+
+def _items(out: dict, kind: str) -> list[dict]:
+    return [item for item in out["output"] if item["type"] == kind]
+
+
+def _reply(out: dict) -> str:
+    return _items(out, "message")[-1]["content"][0]["text"]
+
+
+def test_the_registered_model_is_the_memory_agent(registered: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    info = mlflow.models.get_model_info(URI)
+    assert info.signature is not None and "input" in info.signature.inputs.input_names()
+    model = mlflow.pyfunc.load_model(URI)
+
+    described = json.loads(_reply(model.predict({"input": [{"role": "user", "content": "?"}],
+                                                 "custom_inputs": {"mode": "describe"}})))
+    assert described["policy"] == "checkpoint" and described["max_context_tokens"] == 4096
+    # Plain text generation: the logged weights, no system prompt, no tools.
+    generated = model.predict({"input": [{"role": "user", "content": "hi"}],
+                               "custom_inputs": {"mode": "generate", "max_new_tokens": 2}})
+    assert generated["custom_outputs"]["mode"] == "generate" and isinstance(_reply(generated), str)
+    # The agent: the episode engine's turn over the logged checkpoint (random weights: no answer expected).
+    turn = model.predict({"input": [{"role": "user", "content": "hello"}]})
+    assert turn["custom_outputs"]["policy"].endswith("[RANDOM WEIGHTS]")
+    assert turn["custom_outputs"]["end"] in ("round_limit", "answer", "threshold") and _reply(turn)
+    with pytest.raises(Exception, match="last input message must be the user's"):
+        model.predict({"input": [{"role": "assistant", "content": "hello"}]})
+
+    monkeypatch.setenv("AGEMEM_CHAT__POLICY", "scripted")
+    scripted = mlflow.pyfunc.load_model(URI)
+    stored = scripted.predict({"input": [{"role": "user", "content": "Remember that my cat is called Tomasz"}],
+                               "custom_inputs": {"space": "alice"}})
+    (call,), (result,) = _items(stored, "function_call"), _items(stored, "function_call_output")
+    assert call["name"] == "Add_memory" and "Tomasz" in json.loads(call["arguments"])["content"]
+    assert result["call_id"] == call["call_id"] and "memory added" in result["output"]
+    # A later request (history included) retrieves it from the space's long-term memory.
+    asked = scripted.predict({"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                        {"role": "user", "content": "what is my cat called?"}],
+                              "context": {"conversation_id": "c1", "user_id": "alice"}})
+    assert [c["name"] for c in _items(asked, "function_call")] == ["Retrieve_memory"] and "Tomasz" in _reply(asked)
+    assert asked["custom_outputs"]["space"] == "alice"
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_chat_request_with_a_memory_tool_call(registered: Settings,
+                                                                            tmp_path: Path) -> None:
+    import mlflow
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AGEMEM_CHAT__POLICY": "scripted", "MLFLOW_ENABLE_TELEMETRY": "false"}
+    # The pre-deployment check MLflow documents, in this environment.
+    out = tmp_path / "predicted.json"
+    request = {"input": [{"role": "user", "content": "Remember that the wifi password is plum-42"}]}
+    os.environ["AGEMEM_CHAT__POLICY"] = "scripted"
+    try:
+        mlflow.models.predict(URI, input_data=request, env_manager="local", output_path=str(out))
+    finally:
+        os.environ.pop("AGEMEM_CHAT__POLICY", None)
+    predicted = json.loads(out.read_text())
+    assert [c["name"] for c in _items(predicted, "function_call")] == ["Add_memory"]
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", URI,
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "mlflow models serve did not come up"
+            time.sleep(1)
+        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=120, json={
+            "input": [{"role": "user", "content": "what is the wifi password?"}]})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        (call,) = _items(body, "function_call")
+        assert call["name"] == "Retrieve_memory" and "plum-42" in _items(body, "function_call_output")[0]["output"]
+        assert "plum-42" in _reply(body)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
