@@ -19,6 +19,7 @@ checkpoint unless ``AGEMEM_CHAT__POLICY`` names another).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import threading
@@ -112,7 +113,20 @@ class AgememAgent(ResponsesAgent):
         with self._guard:
             if self._agent is None:
                 self._agent = MemoryAgent.from_settings(self.settings, handle=handle)
+                # MLflow never closes a model: at exit, release the memory store (milvus-lite's file
+                # lock, for the next process) and the endpoint clients.
+                atexit.register(self.close)
             return self._agent
+
+    def close(self) -> None:
+        """Close the memory agent (idempotent); the model can still answer afterwards (it reopens)."""
+        with self._guard:
+            agent, self._agent = self._agent, None
+        if agent is not None and self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(agent.aclose(), self._loop).result(timeout=60)
+            except Exception as exc:  # noqa: BLE001 - closing at exit must not raise
+                logger.warning("closing the served agent: %s", exc)
 
     # -- predict ----------------------------------------------------------------------------
     def predict(self, request: ResponsesAgentRequest) -> ResponsesAgentResponse:

@@ -97,8 +97,7 @@ def test_mlflow_models_serve_answers_a_chat_request_with_a_memory_tool_call(regi
                                                                             tmp_path: Path) -> None:
     import mlflow
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "AGEMEM_CHAT__POLICY": "scripted", "MLFLOW_ENABLE_TELEMETRY": "false"}
-    # The pre-deployment check MLflow documents, in this environment.
+    # The pre-deployment check MLflow documents (in this process: env_manager="local").
     out = tmp_path / "predicted.json"
     request = {"input": [{"role": "user", "content": "Remember that the wifi password is plum-42"}]}
     os.environ["AGEMEM_CHAT__POLICY"] = "scripted"
@@ -109,6 +108,11 @@ def test_mlflow_models_serve_answers_a_chat_request_with_a_memory_tool_call(regi
     predicted = json.loads(out.read_text())
     assert [c["name"] for c in _items(predicted, "function_call")] == ["Add_memory"]
 
+    # The server keeps its memory apart (this process holds the first store's milvus-lite file).
+    # `mlflow models serve` starts `uvicorn` from PATH: the venv's bin, as in an activated venv.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AGEMEM_CHAT__POLICY": "scripted", "MLFLOW_ENABLE_TELEMETRY": "false",
+           "AGEMEM_RUNS_DIR": str(tmp_path / "served"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", URI,
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
@@ -124,10 +128,15 @@ def test_mlflow_models_serve_answers_a_chat_request_with_a_memory_tool_call(regi
                 pass
             assert time.monotonic() < deadline, "mlflow models serve did not come up"
             time.sleep(1)
-        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=120, json={
-            "input": [{"role": "user", "content": "what is the wifi password?"}]})
-        assert answer.status_code == 200, answer.text
-        body = answer.json()
+        def chat(text: str) -> dict:
+            answer = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=120,
+                                json={"input": [{"role": "user", "content": text}]})
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        assert [c["name"] for c in _items(chat("Remember that the wifi password is plum-42"), "function_call")] == \
+            ["Add_memory"]
+        body = chat("what is the wifi password?")
         (call,) = _items(body, "function_call")
         assert call["name"] == "Retrieve_memory" and "plum-42" in _items(body, "function_call_output")[0]["output"]
         assert "plum-42" in _reply(body)
