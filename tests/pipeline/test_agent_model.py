@@ -35,7 +35,7 @@ def registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
                                        "tracking": {"crown_random_weights": True},
                                        "train": {"tiny_hidden_size": 32, "tiny_num_layers": 1},
                                        "episode": {"max_turn_tokens": 8}})
-    model_dir = materialise_tiny_model(settings, tmp_path / "tiny")
+    model_dir = materialise_tiny_model(settings, tmp_path / "model")
     from agemem.tracking.runs import configure, stage_run
 
     configure(settings)
@@ -90,6 +90,20 @@ def test_the_registered_model_is_the_memory_agent(registered: Settings, monkeypa
                               "context": {"conversation_id": "c1", "user_id": "alice"}})
     assert [c["name"] for c in _items(asked, "function_call")] == ["Retrieve_memory"] and "Tomasz" in _reply(asked)
     assert asked["custom_outputs"]["space"] == "alice"
+
+
+def test_chat_with_the_registered_model(registered: Settings, tmp_path: Path) -> None:
+    """`agemem chat --model models:/agemem-policy@champion` (and any alias) plays the registered checkpoint."""
+    from typer.testing import CliRunner
+
+    from agemem.cli import app
+
+    for uri in (URI, "models:/agemem-policy@candidate"):
+        res = CliRunner().invoke(app, ["chat", "--set", f"runs_dir={tmp_path / 'chat'}", "--set", "train.device=cpu",
+                                       "--set", "episode.max_turn_tokens=8", "--set", "chat.max_rounds=1",
+                                       "--model", uri, "--show-tools", "-m", "hello"])
+        assert res.exit_code == 0, res.output
+        assert "agent> " in res.stdout and "RANDOM WEIGHTS" in res.stderr
 
 
 @pytest.mark.slow
