@@ -11,7 +11,7 @@ store in this process. Both offer the same coroutines. An export is one JSON obj
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
@@ -19,7 +19,7 @@ import httpx
 from pydantic import ValidationError
 
 from agemem.memory.admin import MemoryAdmin, SessionInfo
-from agemem.memory.base import MemoryItem, MemorySession, MemoryUnavailableError
+from agemem.memory.base import MemoryItem, MemorySession
 from agemem.memory.client import HttpMemoryClient, _detail
 from agemem.memory.service import MemoryService, UnknownSessionError
 
@@ -162,16 +162,4 @@ def read_jsonl(path: Path) -> list[MemoryItem]:
     return items
 
 
-async def with_admin(settings: "Settings", work: Callable[[AdminClient], Awaitable[object]]) -> object:
-    """Run ``work`` with an admin client, closed afterwards (transport failures stay MemoryUnavailableError)."""
-    client = build_admin_client(settings)
-    try:
-        return await work(client)
-    finally:
-        try:
-            await client.aclose()
-        except MemoryUnavailableError:
-            pass
-
-
-__all__ = ["AdminClient", "HttpAdminClient", "build_admin_client", "read_jsonl", "with_admin", "write_jsonl"]
+__all__ = ["AdminClient", "HttpAdminClient", "build_admin_client", "read_jsonl", "write_jsonl"]
