@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from agemem.settings import Settings, load_settings
 from agemem.train.checkpoint import latest_checkpoint
 from agemem.train.local import batch_indices, output_root, train_local
+from agemem.train.run import grpo_settings
 
 
 def _adapter(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -139,7 +140,8 @@ def test_cli_smoke_profile_trains_two_steps_on_cpu(runs_dir: Path, episodes_file
     elapsed = time.monotonic() - started
     assert result.exit_code == 0, result.output
     assert elapsed < 300
-    settings = load_settings("smoke", {"runs_dir": str(runs_dir)})
+    # The smoke profile warm-starts first; GRPO's checkpoints belong to the run that starts from it.
+    settings = grpo_settings(load_settings("smoke", {"runs_dir": str(runs_dir)}))
     latest = latest_checkpoint(output_root(settings))
     assert latest is not None and latest.name == "step_000002"
 
