@@ -109,6 +109,12 @@ class JudgeSettings(LLMSettings):
     memory_match_threshold: float = Field(
         0.75, ge=0, le=1, description="Offline memory quality: cosine at which a memory sentence matches a fact."
     )
+    breaker_failures: int = Field(
+        3,
+        ge=0,
+        description="After this many judge calls in a row fail (errors, timeouts, unparseable replies), the rest "
+        "of the run is scored by the flagged offline fallback without calling the LLM. 0 = never.",
+    )
 
 
 class MemorySettings(_Section):
@@ -117,7 +123,80 @@ class MemorySettings(_Section):
     # -- store ------------------------------------------------------------------------------------
     uri: str = Field("runs/memory.db", description="milvus-lite path, or http://host:19530 for Milvus.")
     token: SecretStr | None = Field(None, description="Milvus auth token (standalone/cluster).")
-    collection: str = Field("agemem_memories", description="Milvus collection holding every session's memories.")
+    collection: str = Field(
+        "agemem_memories", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$", description="Milvus collection of the memories."
+    )
+    embedding_model: str | None = Field(
+        None, description="sentence-transformers model name or path; default: the bundled all-MiniLM-L6-v2."
+    )
+    embedding_device: str = Field("cpu", min_length=1, description="torch device of the embedder, e.g. 'cuda'.")
+    embed_batch_size: int = Field(64, ge=1, description="Most texts of concurrent requests embedded in one call.")
+    embed_forward_batch_size: int = Field(
+        16, ge=1, description="Texts per forward pass inside that call, grouped by length (less padding)."
+    )
+    embed_batch_wait_ms: float = Field(3.0, ge=0, description="How long a lone request waits for others to join its batch.")
+    embedding_threads: int = Field(
+        0, ge=0, description="torch CPU threads of the tool server process; 0 = torch's default (all cores)."
+    )
+    embed_cache_size: int = Field(
+        4096, ge=0, description="Texts whose vectors the server keeps (LRU; GRPO siblings repeat texts). 0 = off."
+    )
+    embed_cache_scope: Literal["shared", "session"] = Field(
+        "shared",
+        description="'shared': one vector cache for all sessions (GRPO siblings of a task reuse each other's "
+        "embeddings; a session can tell from timing whether another embedded a text). 'session': each session "
+        "hits only its own entries.",
+    )
+    max_content_bytes: int = Field(8192, ge=1, description="Longest text argument (content, query) in UTF-8 bytes.")
+    max_metadata_bytes: int = Field(
+        4096, ge=64, description="Largest metadata of one memory as compact JSON, after an Update's merge."
+    )
+    max_metadata_depth: int = Field(8, ge=1, le=32, description="Deepest nesting of objects/arrays in metadata.")
+    max_body_bytes: int = Field(65536, ge=1024, description="Largest HTTP request body; larger is 413, unread.")
+    max_top_k: int = Field(20, ge=1, le=1000, description="Most memories one Retrieve_memory may ask for.")
+    default_top_k: int = Field(3, ge=1, description="top_k of a Retrieve_memory that names none.")
+    max_memories_per_session: int = Field(
+        10_000, ge=1, description="Memories one session may hold; an Add beyond it is a tool error."
+    )
+    list_page_size: int = Field(
+        1000, ge=1, le=16_384, description="Most memories in one GET /sessions/{id}/memories page (cursor paging)."
+    )
+    max_sessions: int = Field(
+        10_000, ge=1, description="Live sessions the server holds; POST /sessions beyond it is 429."
+    )
+    session_idle_ttl_s: float = Field(
+        3600.0, gt=0, description="A session unused this long is deleted with its memories by the sweeper."
+    )
+    session_sweep_interval_s: float = Field(60.0, gt=0, description="How often the sweeper looks for idle sessions.")
+    token_hash_key: SecretStr | None = Field(
+        None,
+        description="Key of the HMAC that stores session-token hashes; a session row written into the store "
+        "by anyone without it is never accepted. Changing it invalidates existing sessions.",
+    )
+    idempotency_cache_size: int = Field(
+        10_000, ge=0, description="Tool results kept by request id, so a client's retry is answered, not redone."
+    )
+    host: str = Field("127.0.0.1", min_length=1, description="Interface the tool server binds.")
+    port: int = Field(8765, ge=0, le=65535, description="Port of the tool server.")
+    server_url: str | None = Field(None, description="Use this running tool server; None = in-process store.")
+    server_token: SecretStr | None = Field(None, description="Required on POST /sessions when set.")
+    max_connections: int = Field(
+        2048, ge=1, description="Open connections plus running requests before the server answers 503."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection whose request head is not complete this long after it opened "
+        "(on a kept-alive connection: after the head's first byte) is closed."
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="A request body not received within this is a 408.")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this.")
+    max_header_bytes: int = Field(16_384, ge=1024, description="Largest request head; larger is refused.")
+    shutdown_timeout_s: int = Field(
+        10, ge=1, description="On SIGTERM/SIGINT, in-flight requests get this long before the store is flushed."
+    )
+    request_timeout_s: float = Field(10.0, gt=0, description="HTTP client: timeout of one request.")
+    client_retries: int = Field(
+        3, ge=0, description="HTTP client: retries of a request that failed in transport or with a 5xx."
+    )
     connect_timeout_s: float = Field(
         5.0, gt=0, description="Milvus connect timeout: an unreachable AGEMEM_MEMORY__URI fails after this."
     )
@@ -125,7 +204,8 @@ class MemorySettings(_Section):
         0.0,
         ge=0,
         description="0: every write is flushed before it is acknowledged (milvus-lite loses unflushed rows "
-        "when its process is killed). >0: flushed at most this long later (faster, not crash-safe).",
+        "when its process is killed). >0: flushed at most this long later (faster; a SIGKILL loses at most "
+        "this long of writes; SIGTERM/SIGINT flush first).",
     )
     flush_rows: int = Field(256, ge=1, description="Flush at once when this many rows are unflushed.")
     partitions: int = Field(
@@ -135,39 +215,10 @@ class MemorySettings(_Section):
         description="Partitions sessions are hashed into when the collection is made; a session's searches read "
         "only its own (Milvus allows 1024 per collection by default).",
     )
-    # -- embedder ---------------------------------------------------------------------------------
-    embedding_model: str | None = Field(
-        None, description="sentence-transformers model name or path; default: the bundled all-MiniLM-L6-v2."
-    )
-    embedding_device: str = Field("cpu", description="Device of the embedding model ('cpu', 'cuda', 'cuda:1').")
-    embed_batch_size: int = Field(64, ge=1, description="Most texts of concurrent requests embedded in one call.")
-    embed_forward_batch_size: int = Field(
-        16, ge=1, description="Texts per forward pass inside that call, grouped by length (less padding)."
-    )
-    embed_batch_wait_ms: float = Field(3.0, ge=0, description="How long a call waits for more texts to batch.")
-    embedding_threads: int = Field(
-        0, ge=0, description="torch CPU threads of the tool server process; 0 = torch's default (all cores)."
-    )
-    embed_cache_size: int = Field(
-        4096, ge=0, description="Texts whose vectors the server keeps (LRU; GRPO siblings repeat texts). 0 = off."
-    )
-    # -- tools and limits -------------------------------------------------------------------------
-    max_content_bytes: int = Field(8192, ge=1, description="Largest memory content (UTF-8 bytes).")
-    max_body_bytes: int = Field(65536, ge=1024, description="Largest HTTP request body of the tool server.")
-    max_top_k: int = Field(20, ge=1, description="Most memories one Retrieve_memory may return.")
-    default_top_k: int = Field(3, ge=1, description="Memories Retrieve_memory returns when top_k is not given.")
-    # -- tool server ------------------------------------------------------------------------------
-    host: str = Field("127.0.0.1", description="Interface the tool server binds.")
-    port: int = Field(8765, ge=0, le=65535, description="Port of the tool server (0 = a free port).")
-    server_url: str | None = Field(None, description="Use this running tool server; None = in-process store.")
-    server_token: SecretStr | None = Field(None, description="Required on POST /sessions when set.")
-    request_timeout_s: float = Field(10.0, gt=0, description="Client timeout of one tool-server request.")
-    client_retries: int = Field(3, ge=0, description="Client retries of a tool-server request that never arrived.")
-
     @model_validator(mode="after")
-    def _top_k_bounds(self) -> "MemorySettings":
+    def _consistent(self) -> "MemorySettings":
         if self.default_top_k > self.max_top_k:
-            raise ValueError(f"default_top_k ({self.default_top_k}) must not exceed max_top_k ({self.max_top_k})")
+            raise ValueError(f"memory.default_top_k ({self.default_top_k}) exceeds memory.max_top_k ({self.max_top_k})")
         return self
 
 

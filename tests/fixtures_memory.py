@@ -6,12 +6,14 @@
 - ``tool_server`` (session scope): a real uvicorn server on 127.0.0.1 (free port, background
   thread, its own milvus-lite file); yields ``ToolServer(base_url, settings)`` (unpackable).
 - ``http_memory_client``: an HttpMemoryClient for ``tool_server``.
+- ``running_server(settings)`` (helper): a dedicated in-thread server, as a context manager.
 - ``start_server_process`` (helper, not a fixture): the server as a subprocess, for restart and
   load tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -50,17 +52,17 @@ def memory_client(memory_service: MemoryService) -> InProcessMemoryClient:
 
 
 def serve_in_thread(settings: Settings) -> tuple[str, Any, threading.Thread, MemoryService]:
-    """Start a uvicorn server for ``settings`` on a pre-bound loopback socket; returns once it answers."""
+    """Start the tool server for ``settings`` (its real uvicorn configuration) on a pre-bound loopback
+    socket in a thread; returns once it answers. Stopping it (``server.should_exit``) closes the service."""
     import uvicorn
 
-    from agemem.memory.server import create_app
+    from agemem.memory.server import create_app, server_config
 
     service = MemoryService.from_settings(settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(service, settings), log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(create_app(service, settings), settings))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="tool-server")
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
@@ -82,6 +84,18 @@ def tool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolServer
     service.close()
 
 
+@contextlib.contextmanager
+def running_server(settings: Settings) -> Iterator[tuple[str, Any, MemoryService]]:
+    """``with running_server(settings) as (base_url, server, service):`` a dedicated in-thread server."""
+    base_url, server, thread, service = serve_in_thread(settings)
+    try:
+        yield base_url, server, service
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        service.close()
+
+
 @pytest.fixture
 async def http_memory_client(tool_server: ToolServer) -> AsyncIterator[HttpMemoryClient]:
     client = HttpMemoryClient(tool_server.base_url, timeout_s=30.0, retries=1)
@@ -90,4 +104,5 @@ async def http_memory_client(tool_server: ToolServer) -> AsyncIterator[HttpMemor
 
 
 # The subprocess helpers live in the package so the benchmarks share them.
-__all__ = ["ToolServer", "free_port", "memory_settings", "serve_in_thread", "start_server_process", "stop_server_process"]
+__all__ = ["ToolServer", "free_port", "memory_settings", "running_server", "serve_in_thread", "start_server_process",
+           "stop_server_process"]

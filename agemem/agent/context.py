@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -27,13 +28,33 @@ Message = dict[str, str]
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 
 
+class TokenizerLoadError(ValueError):
+    """The tokenizer path is missing or holds no tokenizer (one line, naming the setting)."""
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else is meant as a place on disk.
+    return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(path: str) -> Any:
-    """The policy tokenizer, loaded once per process (``AutoTokenizer.from_pretrained``)."""
+    """The policy tokenizer, loaded once per process (``AutoTokenizer.from_pretrained``).
+
+    Raises :class:`TokenizerLoadError` for a path that does not exist (transformers would take
+    it for a hub id and fail deep in the hub client) or one it cannot load.
+    """
     from transformers import AutoTokenizer
 
+    where = "(setting episode.tokenizer, AGEMEM_EPISODE__TOKENIZER)"
+    if _looks_like_path(path) and not os.path.exists(os.path.expanduser(path)):
+        raise TokenizerLoadError(f"tokenizer {path!r} not found: no such file or directory {where}")
     logger.info("loading tokenizer %s", path)
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(path))
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TokenizerLoadError(f"cannot load tokenizer {path!r}: {reason} {where}") from None
 
 
 class ChatTokenizer:

@@ -3,7 +3,9 @@
 verl keeps only ``type``, ``description`` and ``enum`` of each property, so every parameter is a
 flat scalar; structured metadata travels as a JSON string (``metadata_json``). Validation never
 raises: :func:`validate_call` returns either clean arguments or a short, model-readable error
-that the engine sends back to the model as the tool result.
+that the engine sends back to the model as the tool result. What a value may hold (sizes,
+Unicode, numbers, nesting, ids) is decided by :mod:`agemem.memory.arguments`, the rules the
+memory service applies too, so a call this accepts is not refused there for its values.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+from agemem.memory import arguments as A
+from agemem.memory.arguments import ArgumentError, ArgumentLimits
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +31,8 @@ STM_TOOL_NAMES: tuple[str, ...] = (SUMMARY, FILTER, RETRIEVE)
 ALIASES: dict[str, str] = {"Clear_context": FILTER}
 
 MEMORY_TYPES: tuple[str, ...] = ("general", "knowledge", "chat_info", "user_info", "task_pipeline", "preference")
-MAX_ARGUMENT_CHARS = 8192
-MAX_TOP_K = 20
+# The default limits, for the schema text; validation takes the settings' limits.
+MAX_TOP_K = ArgumentLimits.defaults().max_top_k
 
 
 def _fn(name: str, description: str, properties: dict[str, dict[str, Any]], required: list[str]) -> dict[str, Any]:
@@ -134,75 +139,82 @@ class Validated:
         return self.error is None
 
 
-def _text(args: dict[str, Any], key: str, *, required: bool, allow_empty: bool = False) -> str | None:
+def _text(args: dict[str, Any], key: str, limits: ArgumentLimits, *, required: bool) -> str | None:
     value = args.get(key)
     if value is None:
         if required:
-            raise ValueError(f"missing required argument '{key}'")
+            raise ArgumentError(f"missing required argument '{key}'")
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # a numeric id or query is harmless; coerce rather than reject
-    if not isinstance(value, str):
-        raise ValueError(f"argument '{key}' must be a string, got {type(value).__name__}")
-    value = value.strip()
-    if not value and not allow_empty:
-        raise ValueError(f"argument '{key}' must not be empty")
-    if len(value) > MAX_ARGUMENT_CHARS:
-        raise ValueError(f"argument '{key}' is too long ({len(value)} characters, limit {MAX_ARGUMENT_CHARS})")
-    return value
+    return A.check_text(key, value, limits)
 
 
-def _metadata(args: dict[str, Any]) -> dict[str, Any]:
+def _memory_id(args: dict[str, Any]) -> str:
+    value = args.get("memory_id")
+    if value is None:
+        raise ArgumentError("missing required argument 'memory_id'")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        value = value.strip()
+    return A.check_memory_id(value)
+
+
+# Added to every stored memory's metadata by memory_call_arguments; checked with the model's.
+_ENGINE_METADATA = {"stage": "0"}
+
+
+def _metadata(args: dict[str, Any], limits: ArgumentLimits) -> dict[str, Any]:
     raw = args.get("metadata_json", args.get("metadata"))
     if raw is None or raw == "":
         return {}
     if isinstance(raw, dict):
-        meta = raw  # the reference's object form; accepted for robustness
+        meta = A.check_metadata(raw, limits)  # the reference's object form; accepted for robustness
     elif isinstance(raw, str):
-        if len(raw) > MAX_ARGUMENT_CHARS:
-            raise ValueError(f"argument 'metadata_json' is too long (limit {MAX_ARGUMENT_CHARS} characters)")
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"argument 'metadata_json' is not valid JSON ({exc.msg})") from None
-        if not isinstance(meta, dict):
-            raise ValueError("argument 'metadata_json' must be a JSON object")
+        meta = A.parse_metadata_json(raw, limits)
     else:
-        raise ValueError("argument 'metadata_json' must be a JSON object string")
+        raise ArgumentError("argument 'metadata_json' must be a JSON object string")
     # Flat scalars only: the store filters on them and nested values would not round-trip.
     clean: dict[str, Any] = {}
     for key, value in meta.items():
         if isinstance(value, (str, int, float, bool)) or value is None:
-            clean[str(key)[:64]] = value
+            clean[key[:64]] = value
         else:
-            clean[str(key)[:64]] = json.dumps(value, ensure_ascii=False)[:512]
+            clean[key[:64]] = json.dumps(value, ensure_ascii=False)[:512]
+    A.check_metadata({**clean, **_ENGINE_METADATA}, limits)
     return clean
 
 
-def _top_k(args: dict[str, Any], default: int) -> int:
+def _top_k(args: dict[str, Any], limits: ArgumentLimits, default: int) -> int:
     raw = args.get("top_k")
     if raw is None or raw == "":
         return default
-    if isinstance(raw, bool):
-        raise ValueError("argument 'top_k' must be an integer")
     if isinstance(raw, str):
         try:
             raw = int(raw.strip())
         except ValueError:
-            raise ValueError(f"argument 'top_k' must be an integer, got {raw[:40]!r}") from None
+            raise ArgumentError(f"argument 'top_k' must be an integer, got {ascii(raw[:40])}") from None
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)
-    if not isinstance(raw, int):
-        raise ValueError(f"argument 'top_k' must be an integer, got {type(raw).__name__}")
-    if not 1 <= raw <= MAX_TOP_K:
-        raise ValueError(f"argument 'top_k' must be between 1 and {MAX_TOP_K}, got {raw}")
-    return raw
+    return A.check_top_k(raw, limits)
 
 
-def validate_call(call: ToolCall, *, allowed: tuple[str, ...] = TOOL_NAMES, default_top_k: int = 3) -> Validated:
-    """Check one call's name and arguments; never raises."""
+def validate_call(
+    call: ToolCall,
+    *,
+    allowed: tuple[str, ...] = TOOL_NAMES,
+    default_top_k: int | None = None,
+    limits: ArgumentLimits | None = None,
+) -> Validated:
+    """Check one call's name and arguments; never raises.
+
+    ``limits`` are the memory settings' (``ArgumentLimits.from_settings(settings.memory)``);
+    without them the default settings' limits apply. ``default_top_k`` overrides theirs.
+    """
+    limits = limits or ArgumentLimits.defaults()
     name = canonical_name(call.name)
-    shown = str(call.name)[:60] if call.name is not None else "<none>"
+    shown = ascii(str(call.name)[:60])[1:-1] if call.name is not None else "<none>"
     if name is None:
         return Validated(shown, error=f"unknown tool '{shown}'; available tools: {', '.join(allowed)}")
     if name not in allowed:
@@ -215,32 +227,35 @@ def validate_call(call: ToolCall, *, allowed: tuple[str, ...] = TOOL_NAMES, defa
             args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError as exc:
             return Validated(name, error=f"arguments of {name} are not valid JSON ({exc.msg})")
+        except RecursionError:
+            return Validated(name, error=f"arguments of {name} nest too deeply")
     if not isinstance(args, dict):
         return Validated(name, error=f"arguments of {name} must be a JSON object, got {type(args).__name__}")
     try:
         clean: dict[str, Any]
         if name == ADD:
-            memory_type = _text(args, "memory_type", required=False) or "general"
+            memory_type = args.get("memory_type")
             clean = {
-                "content": _text(args, "content", required=True),
-                "memory_type": memory_type[:40],
-                "metadata": _metadata(args),
+                "content": _text(args, "content", limits, required=True),
+                "memory_type": "general" if memory_type in (None, "") else A.check_memory_type(memory_type),
+                "metadata": _metadata(args, limits),
             }
         elif name == UPDATE:
             clean = {
-                "memory_id": _text(args, "memory_id", required=True),
-                "content": _text(args, "content", required=True),
-                "metadata": _metadata(args),
+                "memory_id": _memory_id(args),
+                "content": _text(args, "content", limits, required=True),
+                "metadata": _metadata(args, limits),
             }
         elif name == DELETE:
-            clean = {"memory_id": _text(args, "memory_id", required=True)}
+            clean = {"memory_id": _memory_id(args)}
         elif name == RETRIEVE:
-            clean = {"query": _text(args, "query", required=True), "top_k": _top_k(args, default_top_k)}
+            top_k = _top_k(args, limits, limits.default_top_k if default_top_k is None else default_top_k)
+            clean = {"query": _text(args, "query", limits, required=True), "top_k": top_k}
         elif name == SUMMARY:
-            clean = {"span": _text(args, "span", required=False) or "all"}
+            clean = {"span": _text(args, "span", limits, required=False) or "all"}
         else:
-            clean = {"criteria": _text(args, "criteria", required=True)}
-    except ValueError as exc:
+            clean = {"criteria": _text(args, "criteria", limits, required=True)}
+    except ValueError as exc:  # ArgumentError, or a number too long to turn into text
         return Validated(name, error=f"{name}: {exc}")
     return Validated(name, clean)
 

@@ -385,10 +385,14 @@ def synthesize(
 
     old = read_json(stats_path)
     if not force and out.exists() and isinstance(old, dict) and old.get("input_hash") == key:
-        logger.info("%s is up to date (input hash %s); reusing it", out, key)
-        if progress:
-            progress(len(scripts), len(scripts))
-        return out
+        recorded, actual = old.get("episodes_sha256"), file_sha256(out)
+        if recorded == actual:
+            logger.info("%s is up to date (input hash %s); reusing it", out, key)
+            if progress:
+                progress(len(scripts), len(scripts))
+            return out
+        logger.warning("%s changed since it was written (sha256 %s, recorded %s); rebuilding it",
+                       out, actual[:12], str(recorded)[:12])
     meta = read_json(meta_path)
     if force or not isinstance(meta, dict) or meta.get("input_hash") != key:
         partial.unlink(missing_ok=True)  # stale work from other inputs must not leak in

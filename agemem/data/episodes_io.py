@@ -29,19 +29,48 @@ def dump_line(episode: EpisodeScript) -> str:
     return episode.model_dump_json() + "\n"
 
 
+def _first_problem(exc: ValidationError) -> str:
+    """One line about a line that is not an episode: its first error, and how many more there are."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": str(exc).splitlines()[0]}
+    where = ".".join(str(p) for p in first.get("loc", ())) or "line"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid')}{more}"
+
+
 def iter_episodes(path: Path | str) -> Iterator[EpisodeScript]:
-    """Episodes of a JSONL file, in file order; a malformed line raises naming ``path:line``."""
+    """Episodes of a JSONL file, in file order.
+
+    A malformed or non-UTF-8 line raises ONE line naming ``path:line``; a torn last line (no
+    newline at the end of the file, as a crash mid-append leaves it) that does not parse is
+    skipped with a warning.
+    """
     path = Path(path)
     if not path.is_file():
         raise EpisodeFileError(f"{path}: no such episodes file")
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            torn = not raw.endswith(b"\n")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if torn:
+                    logger.warning("%s:%d: skipping a torn last line (%d bytes)", path, n, len(raw))
+                    return
+                raise EpisodeFileError(
+                    f"{path}:{n}: not UTF-8 text (byte {exc.start} of the line is {raw[exc.start]:#04x}); "
+                    "the file is corrupt: rebuild it"
+                ) from None
             if not line.strip():
                 continue
             try:
-                yield EpisodeScript.model_validate_json(line)
+                episode = EpisodeScript.model_validate_json(line)
             except ValidationError as exc:
-                raise EpisodeFileError(f"{path}:{n}: not an episode script: {exc}") from exc
+                if torn:
+                    logger.warning("%s:%d: skipping a torn last line (%d bytes)", path, n, len(raw))
+                    return
+                raise EpisodeFileError(f"{path}:{n}: not an episode script: {_first_problem(exc)}") from None
+            yield episode
 
 
 def read_episodes(path: Path | str) -> list[EpisodeScript]:

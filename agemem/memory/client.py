@@ -1,23 +1,40 @@
 """Memory clients: in-process (over a :class:`MemoryService`) and HTTP (the tool server).
 
 Both implement :class:`agemem.memory.base.MemoryClient`: tool-level failures come back as
-``ToolResult(ok=False, text=...)``; an unreachable backend raises :class:`MemoryUnavailableError`;
-an unknown session or a wrong token raises :class:`agemem.memory.service.MemorySessionError`.
+``ToolResult(ok=False, text=...)``, whatever the arguments hold; an unreachable backend raises
+:class:`MemoryUnavailableError`; an unknown session or a wrong token raises
+:class:`agemem.memory.service.MemorySessionError`. Deleting a session that is already gone is no
+error (a retried DELETE, an expired session).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from typing import Any
+from urllib.parse import quote
 
 import httpx
+from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from agemem.memory.base import MemoryClient, MemoryItem, MemorySession, MemoryUnavailableError, ToolResult
-from agemem.memory.service import MemoryService, MemorySessionError, SessionAuthError, UnknownSessionError
+from agemem.memory.arguments import INVALID_ARGUMENTS
+from agemem.memory.base import MEMORY_TOOLS, MemoryClient, MemoryItem, MemorySession, MemoryUnavailableError, ToolResult
+from agemem.memory.server import IDEMPOTENCY_HEADER
+from agemem.memory.service import (
+    MemoryService,
+    MemorySessionError,
+    SessionAuthError,
+    SessionLimitError,
+    UnknownSessionError,
+    unknown_tool,
+)
 from agemem.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 class InProcessMemoryClient:
@@ -72,7 +89,10 @@ class HttpMemoryClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # Idle connections are dropped well before the server's keep-alive timeout (5 s by default):
+            # reusing one the server is closing that instant fails the request in flight.
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     @classmethod
@@ -88,8 +108,9 @@ class HttpMemoryClient:
         )
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        # Tool calls are not idempotent (Add), but a connect error means the request never
-        # arrived and a 5xx means the server failed it; both are safe enough to retry a few times.
+        # Every attempt sends the same request: a tool call carries its request id, so a retry
+        # after the first attempt reached the server (a read timeout) is answered from the
+        # server's memory of it, not run twice; a 5xx means the server failed the call.
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(self._retries + 1),
@@ -113,7 +134,13 @@ class HttpMemoryClient:
 
     @staticmethod
     def _auth(token: str) -> dict[str, str]:
+        if not token.isascii() or not token.isprintable():
+            raise SessionAuthError("session token is not printable ASCII (tokens come from POST /sessions)")
         return {"Authorization": f"Bearer {token}"}
+
+    @staticmethod
+    def _session_path(session: MemorySession) -> str:
+        return "/sessions/" + quote(session.session_id.encode("utf-8", errors="surrogatepass"), safe="")
 
     @staticmethod
     def _session_error(response: httpx.Response) -> None:
@@ -128,39 +155,63 @@ class HttpMemoryClient:
         response = await self._request("POST", "/sessions", headers=headers)
         if response.status_code in (401, 403):
             raise SessionAuthError(f"server token refused: {_detail(response)} (memory.server_token)")
+        if response.status_code == 429:
+            raise SessionLimitError(f"memory tool server at {self.base_url}: {_detail(response)}")
         response.raise_for_status()
         return MemorySession.model_validate(response.json())
 
     async def call_tool(self, session: MemorySession, tool_name: str, arguments: dict[str, Any]) -> ToolResult:
+        if tool_name not in MEMORY_TOOLS:
+            return unknown_tool(tool_name)
+        try:
+            # ASCII escapes carry any string, lone surrogates too: the server's validation, not
+            # this encoder, tells the model what is wrong with an argument.
+            body = json.dumps(arguments, ensure_ascii=True, allow_nan=False).encode("ascii")
+        except (TypeError, ValueError, RecursionError) as exc:
+            return ToolResult(ok=False, text=f"{tool_name}: the arguments cannot be sent as JSON ({exc})",
+                              data={"error": INVALID_ARGUMENTS})
+        headers = {
+            **self._auth(session.session_token),
+            "Content-Type": "application/json",
+            IDEMPOTENCY_HEADER: uuid.uuid4().hex,
+        }
         response = await self._request(
-            "POST",
-            f"/sessions/{session.session_id}/tools/{tool_name}",
-            json=arguments,
-            headers=self._auth(session.session_token),
+            "POST", f"{self._session_path(session)}/tools/{tool_name}", content=body, headers=headers
         )
-        body = _json(response)
-        if isinstance(body, dict) and "ok" in body and "text" in body:
+        body_json = _json(response)
+        if isinstance(body_json, dict) and "ok" in body_json and "text" in body_json:
             # 200, and the tool-level 404/413/422 answers, carry a ToolResult.
-            return ToolResult.model_validate(body)
+            try:
+                return ToolResult.model_validate(body_json)
+            except ValidationError:
+                raise MemoryUnavailableError(f"malformed tool result from {self.base_url}") from None
         if response.status_code in (401, 403, 404):
             self._session_error(response)
-        if response.status_code in (413, 422):
-            return ToolResult(ok=False, text=f"{tool_name}: {_detail(response)}", data={"error": "invalid_arguments"})
-        response.raise_for_status()
+        if response.status_code in (408, 413, 422):
+            return ToolResult(ok=False, text=f"{tool_name}: {_detail(response)}", data={"error": INVALID_ARGUMENTS})
         raise MemoryUnavailableError(f"unexpected answer {response.status_code} from {self.base_url}")
 
     async def list_memories(self, session: MemorySession) -> list[MemoryItem]:
-        response = await self._request(
-            "GET", f"/sessions/{session.session_id}/memories", headers=self._auth(session.session_token)
-        )
-        self._session_error(response)
-        response.raise_for_status()
-        return [MemoryItem.model_validate(m) for m in response.json()["memories"]]
+        """All memories of the session, oldest first (page after page)."""
+        items: list[MemoryItem] = []
+        cursor: str | None = None
+        while True:
+            response = await self._request(
+                "GET", f"{self._session_path(session)}/memories", headers=self._auth(session.session_token),
+                params={"cursor": cursor} if cursor else None,
+            )
+            self._session_error(response)
+            response.raise_for_status()
+            page = response.json()
+            items.extend(MemoryItem.model_validate(m) for m in page["memories"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return items
 
     async def delete_session(self, session: MemorySession) -> None:
-        response = await self._request(
-            "DELETE", f"/sessions/{session.session_id}", headers=self._auth(session.session_token)
-        )
+        response = await self._request("DELETE", self._session_path(session), headers=self._auth(session.session_token))
+        if response.status_code == 404:
+            return  # already gone: deleted by an earlier attempt, or expired
         self._session_error(response)
         response.raise_for_status()
 
@@ -194,4 +245,4 @@ def build_memory_client(settings: Settings) -> MemoryClient:
     return InProcessMemoryClient(MemoryService.from_settings(settings), owns_service=True)
 
 
-__all__ = ["HttpMemoryClient", "InProcessMemoryClient", "MemorySessionError", "build_memory_client"]
+__all__ = ["HttpMemoryClient", "InProcessMemoryClient", "KEEPALIVE_EXPIRY_S", "MemorySessionError", "build_memory_client"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -32,6 +33,7 @@ def start_server_process(
     timeout_s: float = 120.0,
     log_path: Path | None = None,
     inherit_settings_env: bool = False,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``python -m agemem.cli.memory`` on ``host`` over ``uri``; returns once /healthz answers.
 
@@ -39,7 +41,8 @@ def start_server_process(
     settings: tests and benchmarks must not depend on a developer's shell); ``inherit_settings_env``
     passes them on (training: the user's server token and memory settings). Its output goes to
     ``log_path`` when given, else to a pipe read by :func:`stop_server_process` (a long-running
-    child should get a file: a full pipe would block it).
+    child should get a file: a full pipe would block it). ``preexec_fn`` runs in the child before
+    it starts (tests: resource limits).
     """
     port = port or free_port(host)
     cmd = [
@@ -53,7 +56,8 @@ def start_server_process(
         env = {k: v for k, v in env.items() if not k.startswith("AGEMEM_")}
     env["PYTHONPATH"] = str(_PACKAGE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = open(log_path, "wb") if log_path is not None else subprocess.PIPE  # noqa: SIM115 - owned by the child
-    proc = subprocess.Popen(cmd, cwd=_PACKAGE_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=_PACKAGE_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=preexec_fn)
     if log_path is not None:
         out.close()  # the child holds its own descriptor
     base_url = f"http://{host}:{port}"

@@ -7,28 +7,38 @@ synchronous; the service calls it from worker threads.
 Filter expressions are built only from values this project generates (hex memory ids, session ids)
 or that were checked against :data:`SAFE_TOKEN` (memory types): milvus-lite does not support
 ``filter_params`` templates, so nothing a client sends is ever spliced into an expression raw.
+
+A milvus-lite file is served to this process alone: the store runs milvus-lite's gRPC service on a
+unix socket in a private (0700) temporary directory, not on a TCP port that any local process
+could reach without credentials, and keeps the data directory 0700.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
-import re
+import os
+import shutil
+import tempfile
 import threading
 import time
 import zlib
+from concurrent import futures
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from agemem.memory.arguments import SAFE_TOKEN, is_safe_token
 from agemem.memory.base import MemoryItem, MemoryUnavailableError
 from agemem.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 # Milvus' hard cap on rows returned by one query.
 QUERY_LIMIT = 16384
 _CONTENT_MAX = 65535
@@ -40,6 +50,9 @@ _PARTITION_PREFIX = "sessions_"
 # Vectors are stored and searched unit-length, so inner product is cosine similarity; milvus-lite's
 # brute-force path re-normalised every stored vector on each COSINE search (10k memories: 30 -> 20 ms).
 _METRIC = "IP"
+_ROW_LOCKS = 64
+# How long a flush waits for writers already queued, so that it seals them too.
+_GROUP_COMMIT_WAIT_S = 0.02
 
 
 class MemoryStoreLockedError(MemoryUnavailableError):
@@ -55,7 +68,7 @@ def _is_remote(uri: str) -> bool:
 
 
 def _quote(value: str) -> str:
-    if not SAFE_TOKEN.match(value):
+    if not is_safe_token(value):
         raise ValueError(f"unsafe filter value {value[:80]!r}")
     return f'"{value}"'
 
@@ -67,36 +80,100 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return v / norm if norm > 0 else v
 
 
-def _lite_lock_holder(path: str) -> bool:
-    """True when another process holds milvus-lite's lock on ``path`` (asks milvus-lite itself)."""
-    try:
+_LOCKED = (
+    "the milvus-lite store {uri!r} is locked by another process: one tool-server process must own it (point "
+    "other processes at that server with memory.server_url, or use another " + _URI_SETTING + ")"
+)
+# As milvus-lite's own server: large query results must fit one message.
+_GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+
+
+class _LiteServer:
+    """milvus-lite's gRPC service for one data directory, on a unix socket only this user can open.
+
+    pymilvus' own ``.db`` handling binds an unauthenticated TCP port on 127.0.0.1, through which
+    any local process could read every session's memories and write session rows. One server
+    per directory and process, shared by the stores of this process that open it.
+    """
+
+    _lock = threading.Lock()
+    _running: dict[str, _LiteServer] = {}
+
+    def __init__(self, path: str) -> None:
+        import grpc
+        from milvus_lite.adapter.grpc.servicer import MilvusServicer
         from milvus_lite.db import MilvusLite
         from milvus_lite.exceptions import DataDirLockedError
-    except ImportError:
-        return False
-    try:
-        probe = MilvusLite(path)
-    except DataDirLockedError:
-        return True
-    except Exception:  # noqa: BLE001 - any other failure is not a lock problem; caller reports its own error
-        return False
-    probe.close()
-    return False
+        from pymilvus.grpc_gen import milvus_pb2_grpc
+
+        self.path = path
+        data = Path(path)
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data.chmod(0o700)  # also a store made world-readable by an earlier version
+        try:
+            self._db = MilvusLite(path)
+        except DataDirLockedError:
+            raise MemoryStoreLockedError(_LOCKED.format(uri=path)) from None
+        self._dir = tempfile.mkdtemp(prefix="agemem-milvus-")  # 0700, short enough for a socket path
+        self.uri = "unix:" + os.path.join(self._dir, "milvus.sock")
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=10), options=_GRPC_OPTIONS)
+
+        class Servicer(MilvusServicer):
+            def AllocTimestamp(self, request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method name
+                # pymilvus asks while it creates an index; the base answered by raising, which gRPC
+                # logged as an ERROR with a traceback. The answer is the same: not implemented.
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, "milvus-lite allocates no timestamps")
+
+        milvus_pb2_grpc.add_MilvusServiceServicer_to_server(Servicer(self._db), self._server)
+        if not self._server.add_insecure_port(self.uri):
+            self._db.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise MemoryUnavailableError(f"cannot open a unix socket for the milvus-lite store {path!r}")
+        self._server.start()
+        self._users = 0
+        logger.debug("milvus-lite %s served on %s", path, self.uri)
+
+    @classmethod
+    def acquire(cls, path: str) -> _LiteServer:
+        key = os.path.abspath(path)
+        with cls._lock:
+            server = cls._running.get(key)
+            if server is None:
+                server = cls._running[key] = cls(key)
+                if len(cls._running) == 1:
+                    atexit.register(cls._stop_all)
+            server._users += 1
+            return server
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            self._running.pop(self.path, None)
+        self._stop()
+
+    def _stop(self) -> None:
+        self._server.stop(grace=2).wait()
+        self._db.close()  # releases the data directory's lock
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    @classmethod
+    def _stop_all(cls) -> None:
+        with cls._lock:
+            servers, cls._running = list(cls._running.values()), {}
+        for server in servers:
+            try:
+                server._stop()
+            except Exception:  # noqa: BLE001 - at exit: nothing left to report to
+                pass
 
 
 def connect(uri: str, *, token: str | None = None, timeout_s: float = 5.0) -> MilvusClient:
-    """A ``MilvusClient`` for ``uri``, or ONE clear :class:`MemoryUnavailableError`."""
-    if not _is_remote(uri):
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    """A ``MilvusClient`` for a Milvus ``uri``, or ONE clear :class:`MemoryUnavailableError`."""
     try:
         return MilvusClient(uri=uri, token=token or "", timeout=timeout_s)
     except MilvusException as exc:
-        if not _is_remote(uri) and _lite_lock_holder(uri):
-            raise MemoryStoreLockedError(
-                f"the milvus-lite store {uri!r} is locked by another process: one tool-server process must own "
-                "it (point other processes at that server with memory.server_url, or use another "
-                f"{_URI_SETTING})"
-            ) from None
         raise MemoryUnavailableError(
             f"cannot connect to Milvus at {uri!r} within {timeout_s:g}s ({exc.message or type(exc).__name__}); "
             f"check the setting {_URI_SETTING} (memory.uri)"
@@ -118,14 +195,17 @@ class _FlushExclusiveClient:
         self._flushing = False
         self._flush_waiting = 0
 
-    def flush(self, *args: Any, **kwargs: Any) -> Any:
+    def flush(self, collection: str, *, exclusive: Callable[[], None] | None = None) -> Any:
+        """Flush ``collection``; ``exclusive`` runs first, once no other call is running."""
         with self._cond:
             self._flush_waiting += 1
             self._cond.wait_for(lambda: not self._flushing and self._active == 0)
             self._flush_waiting -= 1
             self._flushing = True
         try:
-            return self._client.flush(*args, **kwargs)
+            if exclusive is not None:
+                exclusive()
+            return self._client.flush(collection)
         finally:
             with self._cond:
                 self._flushing = False
@@ -187,10 +267,25 @@ class MilvusMemoryStore:
         self._flush_timer: threading.Timer | None = None
         self._flush_cond = threading.Condition()
         self._closed = False
-        self._client = _FlushExclusiveClient(connect(uri, token=token, timeout_s=timeout_s))
-        self._partitions = 0  # 0: no session partitions (a collection made with a partition key)
-        self._metric = _METRIC  # collections made by earlier versions use COSINE
-        self._ensure_collections(partitions)
+        # A read-modify-write of one memory (update, delete) runs alone: concurrent Updates each
+        # merged into the metadata they read, and an Update could re-insert a memory just deleted.
+        self._row_locks = [threading.Lock() for _ in range(_ROW_LOCKS)]
+        # milvus-lite writes one collection at a time (its engine is single-writer per collection):
+        # concurrent inserts interleaved their records in its write-ahead log, and a killed server
+        # lost rows at the first torn one (11 of 60 concurrent adds). Writers queued per collection.
+        self._write_locks: dict[str, threading.Lock] = {}
+        self._queued: dict[str, int] = {}
+        self._lite = None if _is_remote(uri) else _LiteServer.acquire(uri)
+        try:
+            target = self._lite.uri if self._lite is not None else uri
+            self._client = _FlushExclusiveClient(connect(target, token=token, timeout_s=timeout_s))
+            self._partitions = 0  # 0: no session partitions (a collection made with a partition key)
+            self._metric = _METRIC  # collections made by earlier versions use COSINE
+            self._ensure_collections(partitions)
+        except BaseException:
+            if self._lite is not None:
+                self._lite.release()
+            raise
 
     @classmethod
     def from_settings(cls, settings: Settings, dim: int) -> MilvusMemoryStore:
@@ -275,8 +370,25 @@ class MilvusMemoryStore:
 
     # -- flushing -------------------------------------------------------------------------------
 
-    def _wrote(self, collection: str, rows: int) -> None:
-        """Record a write; with ``flush_interval_s == 0`` return only once it is flushed.
+    @contextlib.contextmanager
+    def _writing(self, collection: str) -> Iterator[None]:
+        """Hold ``collection``'s write turn (milvus-lite); a flush lets the queued writers land first."""
+        if self._lite is None:  # Milvus standalone takes concurrent writes
+            yield
+            return
+        with self._flush_cond:
+            self._queued[collection] = self._queued.get(collection, 0) + 1
+            lock = self._write_locks.setdefault(collection, threading.Lock())
+        try:
+            with lock:
+                yield
+        finally:
+            with self._flush_cond:
+                self._queued[collection] -= 1
+                self._flush_cond.notify_all()
+
+    def _note_write(self, collection: str, rows: int) -> int | None:
+        """Count a write; the ticket to wait for when it must be flushed before it is acknowledged.
 
         Group commit: writes that arrive while a flush runs share the next one, so under load one
         flush (about 15 ms on milvus-lite) seals many writes instead of each paying its own.
@@ -289,7 +401,10 @@ class MilvusMemoryStore:
                 self._flush_timer = threading.Timer(self._flush_interval_s, self.flush)
                 self._flush_timer.daemon = True
                 self._flush_timer.start()
-        if not later:
+        return None if later else ticket
+
+    def _sealed_through(self, collection: str, ticket: int | None) -> None:
+        if ticket is not None:
             self._flush_through(collection, ticket)
 
     def _flush_through(self, collection: str, ticket: int) -> None:
@@ -298,16 +413,29 @@ class MilvusMemoryStore:
             while self._sealed.get(collection, 0) < ticket:
                 if collection not in self._flushing:
                     self._flushing.add(collection)
-                    target = self._written[collection]
-                    self._unflushed[collection] = 0
                     break
                 self._flush_cond.wait()
             else:
                 return
+            # Writers already queued land in this flush (bounded: a steady stream must not delay it).
+            self._flush_cond.wait_for(lambda: not self._queued.get(collection), timeout=_GROUP_COMMIT_WAIT_S)
+        target = self._sealed.get(collection, 0)
+
+        def seal_what_is_written() -> None:  # runs once no other call is running
+            nonlocal target
+            with self._flush_cond:
+                target = self._written[collection]
+                self._unflushed[collection] = 0
+
+        started = time.perf_counter()
         try:
-            self._client.flush(collection)
+            self._client.flush(collection, exclusive=seal_what_is_written)
         except MilvusException as exc:  # the rows are written; only their sealing failed
             logger.warning("flush of %s failed: %s", collection, exc.message)
+        else:
+            took = time.perf_counter() - started
+            if took > 1.0:  # every other call of the store waits for a flush
+                logger.info("flush of %s took %.1fs", collection, took)
         finally:
             with self._flush_cond:
                 self._flushing.discard(collection)
@@ -324,14 +452,32 @@ class MilvusMemoryStore:
 
     # -- memories -------------------------------------------------------------------------------
 
+    def _row_lock(self, session_id: str, memory_id: str) -> threading.Lock:
+        return self._row_locks[zlib.crc32(f"{session_id}/{memory_id}".encode()) % _ROW_LOCKS]
+
     def add(self, session_id: str, items: list[MemoryItem], vectors: np.ndarray) -> None:
         """Insert memories of one session (ids chosen by the caller)."""
         if len(items) != len(vectors):
             raise ValueError(f"{len(items)} memories but {len(vectors)} vectors")
         rows = [self._row(session_id, item, vec) for item, vec in zip(items, vectors)]
         if rows:
-            self._client.insert(self.collection, rows, **self._partition(session_id))
-            self._wrote(self.collection, len(rows))
+            with self._writing(self.collection):
+                self._client.insert(self.collection, rows, **self._partition(session_id))
+                ticket = self._note_write(self.collection, len(rows))
+            self._sealed_through(self.collection, ticket)
+
+    def add_once(self, session_id: str, item: MemoryItem, vector: np.ndarray) -> bool:
+        """Insert one memory unless one with its id exists in the session (a retried Add); True if inserted."""
+        with self._row_lock(session_id, item.memory_id):
+            if self.get(session_id, item.memory_id) is not None:
+                return False
+            with self._writing(self.collection):
+                self._client.insert(
+                    self.collection, [self._row(session_id, item, vector)], **self._partition(session_id)
+                )
+                ticket = self._note_write(self.collection, 1)
+        self._sealed_through(self.collection, ticket)
+        return True
 
     def _row(self, session_id: str, item: MemoryItem, vector: np.ndarray) -> dict[str, Any]:
         return {
@@ -347,7 +493,7 @@ class MilvusMemoryStore:
 
     def get(self, session_id: str, memory_id: str) -> MemoryItem | None:
         """The memory, or None when it does not exist in THIS session."""
-        if not SAFE_TOKEN.match(memory_id):
+        if not is_safe_token(memory_id):
             return None
         rows = self._client.query(
             self.collection,
@@ -365,32 +511,41 @@ class MilvusMemoryStore:
         content: str,
         vector: np.ndarray,
         metadata: dict[str, Any] | None = None,
+        check: Callable[[dict[str, Any]], None] | None = None,
     ) -> MemoryItem:
-        """Replace content and vector, merge metadata. Raises :class:`MemoryNotFoundError`."""
-        current = self.get(session_id, memory_id)
-        if current is None:
-            raise MemoryNotFoundError(memory_id)
-        updated = current.model_copy(
-            update={
-                "content": content,
-                "metadata": {**current.metadata, **(metadata or {})},
-                "updated_at": time.time(),
-            }
-        )
-        self._client.upsert(self.collection, [self._row(session_id, updated, vector)], **self._partition(session_id))
-        self._wrote(self.collection, 1)
+        """Replace content and vector, merge metadata. Raises :class:`MemoryNotFoundError`.
+
+        ``check`` sees the merged metadata before anything is written and may raise to refuse it.
+        """
+        with self._row_lock(session_id, memory_id):
+            current = self.get(session_id, memory_id)
+            if current is None:
+                raise MemoryNotFoundError(memory_id)
+            merged = {**current.metadata, **(metadata or {})}
+            if check is not None:
+                check(merged)
+            updated = current.model_copy(update={"content": content, "metadata": merged, "updated_at": time.time()})
+            with self._writing(self.collection):
+                self._client.upsert(
+                    self.collection, [self._row(session_id, updated, vector)], **self._partition(session_id)
+                )
+                ticket = self._note_write(self.collection, 1)
+        self._sealed_through(self.collection, ticket)
         return updated
 
     def delete(self, session_id: str, memory_id: str) -> bool:
-        """Delete one memory of this session; False when it is not there."""
-        if self.get(session_id, memory_id) is None:
-            return False
-        self._client.delete(
-            self.collection,
-            filter=f"id == {_quote(memory_id)} and session_id == {_quote(session_id)}",
-            **self._partition(session_id),
-        )
-        self._wrote(self.collection, 1)
+        """Delete one memory of this session; False when it is not there (also for the second of two racing)."""
+        with self._row_lock(session_id, memory_id):
+            if self.get(session_id, memory_id) is None:
+                return False
+            with self._writing(self.collection):
+                self._client.delete(
+                    self.collection,
+                    filter=f"id == {_quote(memory_id)} and session_id == {_quote(session_id)}",
+                    **self._partition(session_id),
+                )
+                ticket = self._note_write(self.collection, 1)
+        self._sealed_through(self.collection, ticket)
         return True
 
     def search(
@@ -419,23 +574,72 @@ class MilvusMemoryStore:
             out.append(self._item({**entity, "id": hit["id"]}, score=float(hit["distance"])))
         return out
 
+    def _query_all(self, collection: str, expr: str, fields: list[str], **scope: Any) -> list[dict[str, Any]]:
+        """Every row matching ``expr``: one query, or an iterator past Milvus' per-query cap."""
+        rows = self._client.query(collection, filter=expr, output_fields=fields, limit=QUERY_LIMIT, **scope)
+        if len(rows) < QUERY_LIMIT:
+            return rows
+        iterator = self._client.query_iterator(collection, filter=expr, output_fields=fields, batch_size=4096, **scope)
+        rows = []
+        try:
+            while batch := iterator.next():
+                rows.extend(batch)
+        finally:
+            iterator.close()
+        return rows
+
     def list(self, session_id: str) -> list[MemoryItem]:
         """All memories of a session, oldest first."""
+        return self.page(session_id, after=None, limit=None)[0]
+
+    def page(
+        self, session_id: str, *, after: tuple[float, str] | None, limit: int | None
+    ) -> tuple[list[MemoryItem], tuple[float, str] | None]:
+        """A session's memories in (created_at, id) order after the key ``after``; and the key to go on from.
+
+        Milvus cannot sort a query, so the keys of the whole session are read and sorted first
+        (a session holds at most ``memory.max_memories_per_session``), then only the page's rows.
+        """
+        scope = self._scope(session_id)
+        expr = f"session_id == {_quote(session_id)}"
+        keys = sorted(
+            (float(r.get("created_at") or 0.0), r["id"]) for r in self._query_all(self.collection, expr, ["id", "created_at"], **scope)
+        )
+        if after is not None:
+            keys = [k for k in keys if k > after]
+        chosen = keys if limit is None else keys[:limit]
+        more = chosen[-1] if limit is not None and len(keys) > limit else None
+        if not chosen:
+            return [], None
+        if limit is None:
+            rows = self._query_all(self.collection, expr, _FIELDS, **scope)
+        else:
+            ids = ", ".join(_quote(mid) for _, mid in chosen)
+            rows = self._client.query(
+                self.collection, filter=f"{expr} and id in [{ids}]", output_fields=_FIELDS, limit=len(chosen), **scope
+            )
+        items = sorted((self._item(r) for r in rows), key=lambda m: (m.created_at, m.memory_id))
+        return items, more
+
+    def count_memories(self, session_id: str) -> int:
+        """Rows of one session."""
         rows = self._client.query(
-            self.collection,
-            filter=f"session_id == {_quote(session_id)}",
-            output_fields=_FIELDS,
-            limit=QUERY_LIMIT,
+            self.collection, filter=f"session_id == {_quote(session_id)}", output_fields=["count(*)"],
             **self._scope(session_id),
         )
-        return sorted((self._item(r) for r in rows), key=lambda m: (m.created_at, m.memory_id))
+        return int(rows[0]["count(*)"])
 
     def drop_session(self, session_id: str) -> None:
         """Delete every memory of a session and the session itself."""
-        self._client.delete(self.collection, filter=f"session_id == {_quote(session_id)}", **self._partition(session_id))
-        self._client.delete(self.sessions_collection, filter=f"session_id == {_quote(session_id)}")
-        self._wrote(self.collection, 1)
-        self._wrote(self.sessions_collection, 1)
+        with self._writing(self.collection):
+            self._client.delete(self.collection, filter=f"session_id == {_quote(session_id)}",
+                                **self._partition(session_id))
+            memories = self._note_write(self.collection, 1)
+        with self._writing(self.sessions_collection):
+            self._client.delete(self.sessions_collection, filter=f"session_id == {_quote(session_id)}")
+            sessions = self._note_write(self.sessions_collection, 1)
+        self._sealed_through(self.collection, memories)
+        self._sealed_through(self.sessions_collection, sessions)
 
     def count(self) -> int:
         """Rows in the memory collection (all sessions)."""
@@ -457,32 +661,41 @@ class MilvusMemoryStore:
     # -- sessions -------------------------------------------------------------------------------
 
     def put_session(self, session_id: str, token_hash: str) -> None:
-        self._client.insert(
-            self.sessions_collection,
-            [{"session_id": session_id, "token_hash": token_hash, "created_at": time.time(), "unused_vector": [0, 0]}],
-        )
-        self._wrote(self.sessions_collection, 1)
+        row = {"session_id": session_id, "token_hash": token_hash, "created_at": time.time(), "unused_vector": [0, 0]}
+        with self._writing(self.sessions_collection):
+            self._client.insert(self.sessions_collection, [row])
+            ticket = self._note_write(self.sessions_collection, 1)
+        self._sealed_through(self.sessions_collection, ticket)
 
     def session_token_hash(self, session_id: str) -> str | None:
         """The stored token hash, or None for an unknown session."""
-        if not SAFE_TOKEN.match(session_id):
+        if not is_safe_token(session_id):
             return None
         rows = self._client.query(
             self.sessions_collection, filter=f"session_id == {_quote(session_id)}", output_fields=["token_hash"]
         )
         return rows[0]["token_hash"] if rows else None
 
+    def sessions(self) -> dict[str, float]:
+        """Every stored session: id -> creation time."""
+        rows = self._query_all(self.sessions_collection, 'session_id != ""', ["session_id", "created_at"])
+        return {r["session_id"]: float(r.get("created_at") or 0.0) for r in rows}
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Flush and close the client. milvus-lite keeps its file lock until the process exits."""
+        """Flush and close; a milvus-lite file is released when its last store in this process closes."""
         with self._flush_cond:
+            if self._closed:
+                return
             self._closed = True
             timer, self._flush_timer = self._flush_timer, None
         if timer is not None:
             timer.cancel()
         self.flush()
         self._client.close()
+        if self._lite is not None:
+            self._lite.release()
 
 
 __all__ = [

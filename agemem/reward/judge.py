@@ -11,6 +11,10 @@ share of stored memories it counts as high quality and its relevance grade of th
 (the reference's graders, fed the gold sentences instead of their indices); offline (and as the
 flagged fallback), the share of items that hold a gold supporting sentence (embedding cosine at
 ``match_threshold``) or the gold answer. Both are shares, so storing everything lowers them.
+
+A circuit breaker bounds what a dead judge costs: after ``judge.breaker_failures`` failed grades
+in a row, every later score of this judge is the flagged fallback, without an LLM call (a dead
+endpoint otherwise costs every question its timeouts and retries).
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ class Judge:
         cache: bool = True,
         offline_metric: Literal["f1", "em"] = "f1",
         match_threshold: float = 0.75,
+        breaker_failures: int = 0,
     ) -> None:
         self.client = client
         self._encode = encode
@@ -116,6 +121,10 @@ class Judge:
         self._cache: OrderedDict[tuple[str, str, str], JudgeScore] | None = OrderedDict() if cache else None
         self.calls = 0
         self.fallbacks = 0
+        self.breaker_failures = breaker_failures
+        self.consecutive_failures = 0
+        self.breaker_open = False
+        self.short_circuited = 0  # grades not asked for because the breaker was open
 
     @classmethod
     def from_settings(
@@ -138,6 +147,7 @@ class Judge:
             cache=cfg.cache,
             offline_metric=cfg.offline_metric,
             match_threshold=cfg.memory_match_threshold,
+            breaker_failures=cfg.breaker_failures,
         )
 
     @property
@@ -147,6 +157,25 @@ class Judge:
     async def _grade(self, prompt: str, parse: Callable[[str], float | None] = parse_grade
                      ) -> tuple[float | None, str | None]:
         """Ask the LLM for a grade; (grade, None) or (None, why it failed)."""
+        assert self.client is not None
+        if self.breaker_open:
+            self.short_circuited += 1
+            return None, f"judge circuit open after {self.breaker_failures} consecutive failures"
+        grade, error = await self._ask(prompt, parse)
+        if grade is not None:
+            self.consecutive_failures = 0
+            return grade, None
+        self.consecutive_failures += 1
+        if self.breaker_failures and self.consecutive_failures >= self.breaker_failures and not self.breaker_open:
+            self.breaker_open = True
+            logger.warning(
+                "judge failed %d times in a row (last: %s); the rest of this run is scored by the flagged "
+                "offline fallback without calling it (judge.breaker_failures)", self.consecutive_failures, error,
+            )
+        return None, error
+
+    async def _ask(self, prompt: str, parse: Callable[[str], float | None]) -> tuple[float | None, str | None]:
+        """One grade: the call, then up to ``parse_retries`` more when the reply does not parse."""
         assert self.client is not None
         error = "no reply"
         for attempt in range(self.parse_retries + 1):

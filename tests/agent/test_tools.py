@@ -80,3 +80,29 @@ def test_engine_records_stage_in_metadata() -> None:
     args = memory_call_arguments(v, stage=1)
     assert json.loads(args["metadata_json"]) == {"topic": "t", "stage": "1"}
     assert "metadata" not in args
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "fragment"),
+    [
+        ("Add_memory", {"content": "fact \ud83c"}, "lone surrogate"),
+        ("Add_memory", {"content": "a\x00b"}, "NUL"),
+        ("Add_memory", {"content": "x", "metadata_json": '{"n": 18446744073709551616}'}, "out of range"),
+        ("Add_memory", {"content": "x", "metadata_json": '{"n": NaN}'}, "NaN"),
+        ("Add_memory", {"content": "x", "metadata_json": '{"a": ' + "[" * 2000 + "]" * 2000 + "}"}, "metadata_json"),
+        ("Add_memory", {"content": "x", "metadata": {"k": float("inf")}}, "finite"),
+        ("Add_memory", {"content": "x", "memory_type": "bad type!"}, "memory_type"),
+        ("Update_memory", {"memory_id": "ab c", "content": "x"}, "not a memory id"),
+        ("Delete_memory", {"memory_id": "a" * 65}, "not a memory id"),
+        ("Filter_context", {"criteria": "\udfff"}, "lone surrogate"),
+    ],
+)
+def test_values_the_store_cannot_hold_are_refused_here(name: str, args: dict, fragment: str) -> None:
+    """The engine applies the memory service's rules (agemem/memory/arguments.py), not looser ones."""
+    v = validate_call(ToolCall(name=name, arguments=args))
+    assert not v.ok and fragment in (v.error or ""), v.error
+
+
+def test_deeply_nested_argument_text_is_an_error_not_a_crash() -> None:
+    v = validate_call(ToolCall("Add_memory", "[" * 100_000 + "]" * 100_000))
+    assert not v.ok and "Add_memory" in v.error

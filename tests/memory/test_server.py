@@ -115,7 +115,7 @@ async def test_isolation_over_http(http: httpx.AsyncClient) -> None:
         assert r.status_code == 200 and r.json()["ok"] is False
     r = await http.post(f"/sessions/{b}/tools/Retrieve_memory", json={"query": "A's private note", "top_k": 20}, headers=auth_b)
     assert r.json()["data"]["memories"] == []
-    assert (await http.get(f"/sessions/{b}/memories", headers=auth_b)).json() == {"memories": []}
+    assert (await http.get(f"/sessions/{b}/memories", headers=auth_b)).json() == {"memories": [], "next_cursor": None}
     r = await http.get(f"/sessions/{a}/memories", headers=auth_a)
     assert [m["content"] for m in r.json()["memories"]] == ["A's private note"]
 
@@ -253,7 +253,7 @@ async def test_422_names_what_to_fix(http: httpx.AsyncClient, tool: str, body: d
     payload = r.json()
     assert payload["ok"] is False and payload["data"]["error"] == "invalid_arguments"
     assert payload["detail"].startswith(tool) and fragment in payload["detail"], payload["detail"]
-    assert (await http.get(f"/sessions/{sid}/memories", headers=auth)).json() == {"memories": []}
+    assert (await http.get(f"/sessions/{sid}/memories", headers=auth)).json() == {"memories": [], "next_cursor": None}
 
 
 async def test_size_limits_at_the_boundary(http: httpx.AsyncClient, tool_server: ToolServer) -> None:
@@ -273,9 +273,8 @@ async def test_size_limits_at_the_boundary(http: httpx.AsyncClient, tool_server:
         r = await http.post(f"{tool}/{name}", json=body, headers=auth)
         assert r.status_code == 413 and str(mem.max_content_bytes) in r.json()["detail"], (name, r.text[:200])
     # A body just under the body limit is parsed (and judged on its content); just over is refused unread.
-    pad = mem.max_body_bytes - len(json.dumps({"content": "", "metadata_json": ""})) - 10
-    under = json.dumps({"content": "b", "metadata_json": json.dumps({"pad": "p" * (pad - 20)})}).encode()
-    assert len(under) <= mem.max_body_bytes
+    under = b'{"content": "b"' + b" " * (mem.max_body_bytes - 20) + b"}"  # JSON whitespace: parsed, not stored
+    assert mem.max_body_bytes - 10 < len(under) <= mem.max_body_bytes
     r = await http.post(f"{tool}/Add_memory", content=under, headers={**auth, "Content-Type": "application/json"})
     assert r.status_code == 200 and r.json()["ok"], r.text[:200]
     too_big = b'{"content": "' + b"c" * mem.max_body_bytes + b'"}'

@@ -19,7 +19,8 @@ from tests.fixtures_memory import memory_settings
 async def test_embedder_normalised_and_batched(memory_service) -> None:
     emb = memory_service.embedder
     assert emb is get_embedder(None, "cpu", batch_size=emb.batch_size, forward_batch_size=emb.forward_batch_size,
-                               wait_ms=emb.wait_s * 1000, cache_size=emb.cache_size)
+                               wait_ms=emb.wait_s * 1000, cache_size=emb.cache_size,
+                               cache_per_owner=emb.cache_per_owner)
     sync = emb.encode(["a cat sat on the mat", "quantum chromodynamics"])
     assert sync.shape == (2, emb.dim) and sync.dtype == np.float32
     assert np.allclose(np.linalg.norm(sync, axis=1), 1.0, atol=1e-5)
@@ -70,13 +71,13 @@ async def test_embedding_cache_is_exact_and_bounded(memory_service) -> None:
     texts = ["Paris is the capital of France.", "Bananas are yellow.", "Paris is the capital of France."]
     first = await cached.aencode(texts)
     assert np.allclose(first, emb.encode(texts), atol=1e-5)
-    assert list(cached._cache) == texts[:2]  # each distinct text embedded once
+    assert list(cached._cache) == [(None, t) for t in texts[:2]]  # each distinct text embedded once
     cached._model = None  # from now on a forward pass would fail: hits must not need one
     assert np.array_equal(await cached.aencode(texts[::-1]), first[::-1])
     cached._model = emb._model
     third = "A third text evicts the least recently used one."
     await cached.aencode([third])
-    assert list(cached._cache) == [texts[1], third]
+    assert list(cached._cache) == [(None, texts[1]), (None, third)]
 
 
 async def test_add_retrieve_update_delete(memory_client: InProcessMemoryClient) -> None:

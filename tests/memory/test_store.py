@@ -92,6 +92,9 @@ def test_collection_with_a_partition_key_still_works(tmp_path) -> None:
     index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
     client.create_collection("agemem_memories", schema=schema, index_params=index, consistency_level="Strong")
     client.close()
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(str(tmp_path / "legacy.db"))  # pymilvus' own server keeps the lock
     store = MilvusMemoryStore(str(tmp_path / "legacy.db"), dim=DIM)
     assert store._partitions == 0 and store._scope("abc") == {} and store._metric == "COSINE"
     _roundtrip(store)

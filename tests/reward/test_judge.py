@@ -104,3 +104,36 @@ async def test_memory_quality_llm_and_fallback(fake_openai: FakeOpenAI, runs_dir
     fake_openai.reply = "nonsense"
     r = await judge.memory_quality_report(["a fact"], ["a gold fact"])
     assert r.fallback and r.source == "fallback"
+
+
+async def test_dead_judge_trips_the_circuit_breaker_once(fake_openai: FakeOpenAI, runs_dir, caplog) -> None:
+    """A judge that times out cost every question its timeouts and retries (about 4 minutes each with
+    the defaults); after judge.breaker_failures failures in a row the rest is scored without it."""
+    fake_openai.delay_s = 30
+    judge = _judge_for(fake_openai.base_url, runs_dir, timeout_s=0.3, max_retries=0, breaker_failures=2)
+    start = time.perf_counter()
+    with caplog.at_level("WARNING"):
+        scores = [await judge.score_answer(f"question {i}?", "Ed Wood", "Ed Wood") for i in range(6)]
+        quality = await judge.memory_quality_report(["a fact"], ["a gold fact"]) if judge._encode else None
+    assert fake_openai.count == 2  # only the two calls that tripped it
+    assert all(s.fallback and s.source == "fallback" and s.score == 1.0 for s in scores)
+    assert "circuit open" in scores[-1].error and judge.short_circuited >= 4 and judge.breaker_open
+    assert quality is None or quality.fallback
+    assert caplog.text.count("failed 2 times in a row") == 1
+    assert time.perf_counter() - start < 5
+
+
+async def test_a_success_resets_the_breaker(fake_openai: FakeOpenAI, runs_dir) -> None:
+    from tests.fake_openai import Reply
+
+    calls = {"n": 0}
+
+    def flaky(_: dict) -> Reply:
+        calls["n"] += 1
+        return Reply(status=500) if calls["n"] % 2 else Reply(text="0.5")
+
+    fake_openai.reply = flaky
+    judge = _judge_for(fake_openai.base_url, runs_dir, max_retries=0, breaker_failures=2)
+    scores = [await judge.score_answer(f"q{i}", "Ed Wood", "Edward") for i in range(6)]
+    assert not judge.breaker_open and fake_openai.count == 6
+    assert [s.source for s in scores] == ["fallback", "llm"] * 3
