@@ -105,7 +105,7 @@ def build_policy(settings: "Settings", model_path: Path | None = None) -> Policy
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         device = resolve_device(settings.train.device)
         model, tokenizer = load_checkpoint_model(settings, Path(path), device)
-        server = LocalTokenServer(model, tokenizer, device=device, default_max_tokens=settings.episode.max_turn_tokens)
+        server = LocalTokenServer.from_settings(model, tokenizer, settings, device=device)
         return PolicyHandle("tokens", lambda script: server, tokenizer, f"checkpoint:{path}")
     from agemem.llm import LLMClient, build_backend
     from agemem.settings import LLMSettings

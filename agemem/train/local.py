@@ -135,9 +135,7 @@ class LocalTrainer:
             logger.info("resuming from %s (step %d)", latest, self.state.step)
         else:
             torch.manual_seed(settings.train.seed)
-        self.server = LocalTokenServer(
-            self.model, self.tokenizer, device=self.device, default_max_tokens=settings.episode.max_turn_tokens
-        )
+        self.server = LocalTokenServer.from_settings(self.model, self.tokenizer, settings, device=self.device)
 
     # -- rollouts -----------------------------------------------------------------------------
 
@@ -215,6 +213,7 @@ class LocalTrainer:
                         sums[key] = sums.get(key, 0.0) + value  # already scaled to the batch token-mean
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
             self.optimizer.step()
+            self.server.invalidate()  # issue 12: cached K/V of the old weights must never serve a rollout
             metrics["train/loss"] = loss_total
             metrics["train/grad_norm"] = float(grad_norm)
         for key, value in sums.items():
@@ -267,6 +266,7 @@ class LocalTrainer:
                 gen_s = self.server.stats.seconds
                 metrics.update({"time/rollout_s": rollout_s, "time/generate_s": gen_s,
                                 "time/engine_overhead_share": max(0.0, rollout_s - gen_s) / rollout_s if rollout_s else 0.0})
+                metrics.update(self.server.stats.metrics())  # issue 12: prefix-cache hit rate, cached tokens
                 t0 = time.perf_counter()
                 metrics.update(self.update(rollouts))
                 metrics["time/update_s"] = time.perf_counter() - t0
