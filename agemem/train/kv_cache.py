@@ -9,17 +9,19 @@ Both hold transformers ``DynamicCache`` layers (``[batch, kv_heads, tokens, head
   tokens; least recently used sequences go first. A sequence that is a prefix of a newly stored one
   is dropped: the new one answers every lookup the old one could.
 - :class:`RunningBatch` keeps the sequences being decoded right-aligned in one ``DynamicCache``
-  (left padding), so one forward pass decodes a token for every sequence. Sequences join and leave
-  between decode steps; leading columns that no sequence needs any more are cut off.
+  (left padding), so one forward pass decodes a token for every sequence. Its layers keep spare
+  positions, so a decode step writes one column instead of copying the whole batch. Sequences
+  join and leave between decode steps; leading columns no sequence needs any more are cut off.
 
-Stored tensors are never written in place (``DynamicLayer.update`` concatenates into new ones), so
-a stored prefix can be handed to a prefill as it is.
+Stored prefixes are never written in place: a prefill's ``DynamicLayer.update`` concatenates into
+new tensors, and a finished row leaves the batch as a copy.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -45,6 +47,62 @@ def dynamic_cache(kv: KV | None) -> object:
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
         cache.layers.append(layer)
+    return cache
+
+
+# Decode positions reserved per row when a batch is (re)built: a decode step writes its column in place.
+DECODE_RESERVE = 256
+
+
+@lru_cache(maxsize=1)
+def _growing_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose tensors are views into buffers with spare positions.
+
+        ``DynamicLayer.update`` concatenates, copying the whole batch's keys and values on every
+        decode step; here a step writes one column, and a full buffer grows by ``reserve``.
+        """
+
+        def __init__(self, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int, reserve: int) -> None:
+            super().__init__()
+            self.lazy_initialization(key_buf, value_buf)
+            self.reserve = max(1, reserve)
+            self._key_buf, self._value_buf = key_buf, value_buf
+            self.keys, self.values = key_buf[:, :, :length], value_buf[:, :, :length]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+                   **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+            n, q = self.keys.shape[-2], key_states.shape[-2]
+            if n + q > self._key_buf.shape[-2]:
+                self._key_buf = _regrow(self._key_buf, n, n + q + self.reserve)
+                self._value_buf = _regrow(self._value_buf, n, n + q + self.reserve)
+            self._key_buf[:, :, n : n + q] = key_states
+            self._value_buf[:, :, n : n + q] = value_states
+            self.keys, self.values = self._key_buf[:, :, : n + q], self._value_buf[:, :, : n + q]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def _buffer(like: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:
+    return like.new_zeros((rows, like.shape[1], capacity, like.shape[3]))
+
+
+def _regrow(buf: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+    new = _buffer(buf, buf.shape[0], capacity)
+    new[:, :, :used] = buf[:, :, :used]
+    return new
+
+
+def growing_cache(buffers: list[tuple[torch.Tensor, torch.Tensor]], length: int, reserve: int) -> object:
+    """A ``DynamicCache`` over per-layer (key, value) buffers whose first ``length`` positions are filled."""
+    from transformers import DynamicCache
+
+    layer = _growing_layer_class()
+    cache = DynamicCache()
+    cache.layers.extend(layer(k, v, length, reserve) for k, v in buffers)
     return cache
 
 
@@ -123,11 +181,15 @@ class PrefixKVCache:
 
 
 class RunningBatch:
-    """The sequences being decoded, right-aligned in one ``DynamicCache``; ``lengths[i]`` = row i's tokens."""
+    """The sequences being decoded, right-aligned in one ``DynamicCache``; ``lengths[i]`` = row i's tokens.
 
-    def __init__(self) -> None:
+    Rows are (re)packed only when one joins or leaves; in between, decode steps write in place.
+    """
+
+    def __init__(self, reserve: int = DECODE_RESERVE) -> None:
         self.cache: object | None = None
         self.lengths: list[int] = []
+        self.reserve = reserve
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -136,26 +198,30 @@ class RunningBatch:
     def width(self) -> int:
         return max(self.lengths, default=0)
 
+    def _repack(self, sources: list[tuple[KV, int, int]], width: int) -> None:
+        """New buffers of ``width`` (+ reserve) positions; ``sources``: (K/V, row in it, its length) per row."""
+        template = sources[0][0]
+        buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in range(len(template)):
+            pair = []
+            for part in (0, 1):
+                like = template[layer][part]
+                # Zeros in the padding are never attended (masked); one copy per kept row.
+                buf = _buffer(like, len(sources), width + self.reserve)
+                for row, (kv, index, length) in enumerate(sources):
+                    src = kv[layer][part]
+                    buf[row, :, width - length : width] = src[index, :, src.shape[2] - length :]
+                pair.append(buf)
+            buffers.append((pair[0], pair[1]))
+        self.cache = growing_cache(buffers, width, self.reserve)
+
     def add(self, kv: KV) -> None:
         """Append one sequence (its K/V, batch 1) as the last row."""
         new_len = int(kv[0][0].shape[-2])
-        if self.cache is None:
-            self.cache = dynamic_cache([(k.contiguous(), v.contiguous()) for k, v in kv])
-            self.lengths = [new_len]
-            return
-        old = kv_of(self.cache)
-        width, rows = max(self.width, new_len), len(self.lengths)
-        merged: KV = []
-        for (bk, bv), (k, v) in zip(old, kv):
-            pair = []
-            for batch_t, new_t in ((bk, k), (bv, v)):
-                # One allocation per tensor; zeros in the padding are never attended (masked).
-                out = batch_t.new_zeros((rows + 1, batch_t.shape[1], width, batch_t.shape[3]))
-                out[:rows, :, width - batch_t.shape[2] :] = batch_t
-                out[rows:, :, width - new_len :] = new_t
-                pair.append(out)
-            merged.append((pair[0], pair[1]))
-        self.cache = dynamic_cache(merged)
+        current = kv_of(self.cache) if self.cache is not None else None
+        sources = [(current, i, n) for i, n in enumerate(self.lengths)] if current is not None else []
+        sources.append((kv, 0, new_len))
+        self._repack(sources, max(self.width, new_len))
         self.lengths.append(new_len)
 
     def row(self, index: int) -> KV:
@@ -170,11 +236,9 @@ class RunningBatch:
         if not keep:
             self.cache, self.lengths = None, []
             return
+        current = kv_of(self.cache)
         lengths = [self.lengths[i] for i in keep]
-        cut = self.width - max(lengths)
-        index = torch.tensor(keep, dtype=torch.long, device=kv_of(self.cache)[0][0].device)
-        self.cache = dynamic_cache([(k[:, :, cut:].index_select(0, index), v[:, :, cut:].index_select(0, index))
-                                    for k, v in kv_of(self.cache)])
+        self._repack([(current, i, self.lengths[i]) for i in keep], max(lengths))
         self.lengths = lengths
 
     def step_inputs(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,4 +254,4 @@ class RunningBatch:
         self.lengths = [n + 1 for n in self.lengths]
 
 
-__all__ = ["KV", "PrefixKVCache", "RunningBatch", "common_prefix", "dynamic_cache", "kv_of"]
+__all__ = ["KV", "PrefixKVCache", "RunningBatch", "common_prefix", "dynamic_cache", "growing_cache", "kv_of"]

@@ -38,6 +38,8 @@ class SamplingParams:
                      eos_token_id: int | None) -> "SamplingParams":
         """Parse verl/vLLM-style ``sampling_params``; unknown keys (``logprobs``, ``repetition_penalty``) are ignored.
 
+        ``ignore_eos`` (vLLM's name) keeps sampling past the tokenizer's eos; ``stop_token_ids`` still stop.
+
         The mapping of missing/None values is the one the server always had: a missing
         temperature is 1.0 and an explicit None is greedy; top_p None or 0 is 1.0.
         """
@@ -61,7 +63,7 @@ class SamplingParams:
             raise ValueError(f"sampling_params.temperature must be >= 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
-        if eos_token_id is not None:
+        if eos_token_id is not None and not params.get("ignore_eos"):
             stop_ids.add(int(eos_token_id))
         return cls(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
                    stop_token_ids=frozenset(stop_ids), seed=seed)

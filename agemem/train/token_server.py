@@ -3,7 +3,7 @@
 ``await server.generate(request_id, prompt_ids=..., sampling_params=...)`` returns an object with
 ``token_ids`` and ``log_probs`` exactly like verl's ``LLMServerClient.generate``, so the episode
 engine (and the verl agent loop) drive it unchanged. ``temperature``, ``top_p``, ``top_k``,
-``max_tokens``, ``stop``, ``stop_token_ids`` and ``seed`` are honoured; ``temperature == 0`` is
+``max_tokens``, ``stop``, ``stop_token_ids``, ``ignore_eos`` and ``seed`` are honoured; ``temperature == 0`` is
 greedy; ``log_probs`` are the raw (untempered) log-probabilities of the sampled tokens, as vLLM
 reports them.
 
@@ -27,6 +27,9 @@ each step's attention costs (all query tokens) x (all cached tokens), and it rep
 (tempered) log-probs, supports neither stop strings nor per-request stop tokens, and has no way
 to drop its prefix blocks when the weights change.
 
+On CPU a grouped-query model is switched to :mod:`agemem.train.cpu_attention` (the same SDPA
+without copying repeated key/value heads under the decode batch's padding mask).
+
 Generation runs in eval mode: the server switches the model to it and leaves it there (the local
 trainer's update switches back to train mode itself).
 """
@@ -44,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agemem.agent.policy import GenerationOutput
+from agemem.train.cpu_attention import use_gqa_sdpa_on_cpu
 from agemem.train.kv_cache import KV, PrefixKVCache, RunningBatch, dynamic_cache, kv_of
 from agemem.train.sampling import SamplingParams, StopStrings, select_tokens
 
@@ -148,6 +152,7 @@ class LocalTokenServer:
         self._rows: list[_Request] = []
         self._version = 0
         self._fingerprint: int | None = None
+        use_gqa_sdpa_on_cpu(model, device)
 
     @classmethod
     def from_settings(cls, model: Any, tokenizer: Any, settings: "Settings", *, device: str) -> "LocalTokenServer":

@@ -232,6 +232,39 @@ def test_prefix_store_keeps_the_longest_sequence_and_respects_its_bound() -> Non
         PrefixKVCache(-1)
 
 
+def test_running_batch_pads_grows_and_repacks_rows_exactly() -> None:
+    from agemem.train.kv_cache import RunningBatch, kv_of
+
+    def seq(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(seed)
+        return [(torch.randn(1, 2, n, 3, generator=g), torch.randn(1, 2, n, 3, generator=g)) for _ in range(2)]
+
+    batch = RunningBatch(reserve=2)  # forces the buffers to grow during the steps below
+    expected = [seq(5, 1), seq(9, 2)]
+    for kv in expected:
+        batch.add(kv)
+    for step in range(5):
+        if step == 2:
+            expected.append(seq(4, 3))
+            batch.add(expected[-1])
+        mask, positions = batch.step_inputs("cpu")
+        assert positions[:, 0].tolist() == batch.lengths
+        assert mask.sum(dim=1).tolist() == [n + 1 for n in batch.lengths] and mask.shape[1] == batch.width + 1
+        new = [seq(1, 10 + step * 3 + r) for r in range(len(expected))]
+        for layer, cache_layer in enumerate(batch.cache.layers):  # what a forward pass does
+            cache_layer.update(torch.cat([n[layer][0] for n in new]), torch.cat([n[layer][1] for n in new]))
+        batch.advance()
+        expected = [[(torch.cat([e[l][0], n[l][0]], 2), torch.cat([e[l][1], n[l][1]], 2)) for l in range(2)]
+                    for e, n in zip(expected, new)]
+    for row, exp in enumerate(expected):
+        got = batch.row(row)
+        for (gk, gv), (ek, ev) in zip(got, exp):
+            assert torch.equal(gk, ek) and torch.equal(gv, ev)
+    batch.remove([1])  # the longest row leaves: the padding it needed is cut off
+    assert batch.lengths == [10, 7] and kv_of(batch.cache)[0][0].shape[2] == 10
+    assert torch.equal(batch.row(1)[1][1], expected[2][1][1])
+
+
 def test_trainer_invalidates_after_its_optimizer_step_and_logs_cache_metrics(
     tiny_train_settings: Settings, episodes_file: Path
 ) -> None:
@@ -304,3 +337,21 @@ def test_sampler_draws_from_the_warped_distribution(temperature: float, top_k: i
     np.testing.assert_allclose(counts.numpy(), expected.numpy(), atol=0.012)
     raw = torch.log_softmax(logits, -1)  # reported log-probs are untempered, unfiltered
     np.testing.assert_allclose(log_probs[:50], raw[torch.tensor(tokens[:50])].numpy(), atol=1e-6)
+
+
+async def test_eos_stops_a_turn_unless_ignore_eos(tiny) -> None:
+    import copy
+
+    model, tokenizer, _ = tiny
+    prompt = random_prompt(30, 41)
+    first = (await LocalTokenServer(model, tokenizer, device="cpu").generate(
+        "probe", prompt_ids=prompt, sampling_params={"temperature": 0, "max_tokens": 1})).token_ids[0]
+    eos_here = copy.deepcopy(tokenizer)
+    eos_here.eos_token = tokenizer.convert_ids_to_tokens(first)  # the greedy first token is now eos
+    server = LocalTokenServer(model, eos_here, device="cpu")
+    stopped, ignored = await asyncio.gather(
+        server.generate("eos", prompt_ids=prompt, sampling_params={"temperature": 0, "max_tokens": 6}),
+        server.generate("ignore", prompt_ids=prompt, sampling_params={"temperature": 0, "max_tokens": 6,
+                                                                      "ignore_eos": True}))
+    assert stopped.token_ids == [first] and stopped.stop_reason == "stop"
+    assert len(ignored.token_ids) == 6 and ignored.token_ids[0] == first and ignored.stop_reason == "length"
