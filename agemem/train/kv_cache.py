@@ -87,7 +87,8 @@ def _growing_layer_class() -> type:
 
 
 def _buffer(like: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:
-    return like.new_zeros((rows, like.shape[1], capacity, like.shape[3]))
+    # Uninitialised: callers fill or zero every position before it is attended.
+    return like.new_empty((rows, like.shape[1], capacity, like.shape[3]))
 
 
 def _regrow(buf: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
@@ -206,10 +207,11 @@ class RunningBatch:
             pair = []
             for part in (0, 1):
                 like = template[layer][part]
-                # Zeros in the padding are never attended (masked); one copy per kept row.
+                # One copy per kept row. The padding is masked, but must be finite (0 x NaN is NaN).
                 buf = _buffer(like, len(sources), width + self.reserve)
                 for row, (kv, index, length) in enumerate(sources):
                     src = kv[layer][part]
+                    buf[row, :, : width - length] = 0
                     buf[row, :, width - length : width] = src[index, :, src.shape[2] - length :]
                 pair.append(buf)
             buffers.append((pair[0], pair[1]))
