@@ -199,7 +199,8 @@ async def grpo_step(trainer: Any, engine: Any, scripts: list[Any], server: Any, 
     rollouts = await trainer.rollouts(engine, scripts, step=1)
     wall = time.perf_counter() - started
     s = server.stats
-    return {"wall": wall, "busy": s.seconds, "calls": s.calls, "prompt": s.prompt_tokens,
+    return {"wall": wall, "busy": s.seconds, "prefill_s": s.prefill_seconds, "decode_s": s.decode_seconds,
+            "calls": s.calls, "prompt": s.prompt_tokens,
             "prefill": s.prefill_tokens, "new": s.completion_tokens, "hit": s.cache_hit_rate,
             "batch": s.mean_batch, "turns": sum(r.result.stats.total_rounds for r in rollouts)}
 

@@ -71,6 +71,8 @@ class GenerationStats:
     completion_tokens: int = 0
     seconds: float = 0.0
     prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
     cached_prompt_tokens: int = 0
     cache_hits: int = 0
     decode_steps: int = 0
@@ -92,7 +94,7 @@ class GenerationStats:
         for name in ("calls", "prompt_tokens", "completion_tokens", "prefill_tokens", "cached_prompt_tokens",
                      "cache_hits", "decode_steps", "decode_rows", "cancelled", "evictions"):
             setattr(self, name, 0)
-        self.seconds = 0.0
+        self.seconds = self.prefill_seconds = self.decode_seconds = 0.0
 
     def metrics(self) -> dict[str, float]:
         """Per-step training metrics (MLflow keys)."""
@@ -100,6 +102,8 @@ class GenerationStats:
             "server/cache_hit_rate": self.cache_hit_rate,
             "server/cached_tokens": float(self.cached_tokens),
             "server/prefill_tokens": float(self.prefill_tokens),
+            "server/prefill_s": self.prefill_seconds,
+            "server/decode_s": self.decode_seconds,
             "server/mean_decode_batch": self.mean_batch,
             "server/cache_evictions": float(self.evictions),
         }
@@ -235,8 +239,11 @@ class LocalTokenServer:
                     for request in admitted:
                         self._admit(request)
                     self._drop_cancelled_rows()
+                    prefilled = time.perf_counter()
+                    self.stats.prefill_seconds += prefilled - started
                     if self._rows:
                         self._decode_step()
+                        self.stats.decode_seconds += time.perf_counter() - prefilled
                     self.stats.cached_tokens = self._cache.tokens
                 self.stats.seconds += time.perf_counter() - started
         except BaseException as exc:  # a bug here must fail the waiting callers, never hang them
