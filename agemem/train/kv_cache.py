@@ -217,31 +217,34 @@ class RunningBatch:
             buffers.append((pair[0], pair[1]))
         self.cache = growing_cache(buffers, width, self.reserve)
 
+    def update(self, *, remove: Sequence[int] = (), add: Sequence[KV] = ()) -> None:
+        """Drop rows ``remove`` and append one row per (batch 1) K/V in ``add``, in one repack."""
+        if not remove and not add:
+            return
+        gone = set(remove)
+        keep = [i for i in range(len(self.lengths)) if i not in gone]
+        current = kv_of(self.cache) if self.cache is not None else None
+        sources = [(current, i, self.lengths[i]) for i in keep]
+        sources += [(kv, 0, int(kv[0][0].shape[-2])) for kv in add]
+        lengths = [n for _, _, n in sources]
+        if not sources:
+            self.cache, self.lengths = None, []
+            return
+        self._repack(sources, max(lengths))  # type: ignore[arg-type]
+        self.lengths = lengths
+
     def add(self, kv: KV) -> None:
         """Append one sequence (its K/V, batch 1) as the last row."""
-        new_len = int(kv[0][0].shape[-2])
-        current = kv_of(self.cache) if self.cache is not None else None
-        sources = [(current, i, n) for i, n in enumerate(self.lengths)] if current is not None else []
-        sources.append((kv, 0, new_len))
-        self._repack(sources, max(self.width, new_len))
-        self.lengths.append(new_len)
+        self.update(add=[kv])
+
+    def remove(self, indices: Sequence[int]) -> None:
+        self.update(remove=indices)
 
     def row(self, index: int) -> KV:
         """Row ``index``'s K/V without padding, copied (so the batch tensors can be freed)."""
         n = self.lengths[index]
         return [(k[index : index + 1, :, -n:].clone(), v[index : index + 1, :, -n:].clone())
                 for k, v in kv_of(self.cache)]
-
-    def remove(self, indices: Sequence[int]) -> None:
-        gone = set(indices)
-        keep = [i for i in range(len(self.lengths)) if i not in gone]
-        if not keep:
-            self.cache, self.lengths = None, []
-            return
-        current = kv_of(self.cache)
-        lengths = [self.lengths[i] for i in keep]
-        self._repack([(current, i, self.lengths[i]) for i in keep], max(lengths))
-        self.lengths = lengths
 
     def step_inputs(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention mask ``[rows, width + 1]``, position ids ``[rows, 1]``) for one decode step."""

@@ -154,6 +154,7 @@ class LocalTokenServer:
         self._model_lock = threading.Lock()
         self._batch = RunningBatch()
         self._rows: list[_Request] = []
+        self._leaving: set[int] = set()  # rows done (finished or cancelled), dropped at the next repack
         self._version = 0
         self._fingerprint: int | None = None
         use_gqa_sdpa_on_cpu(model, device)
@@ -225,9 +226,10 @@ class LocalTokenServer:
                     while self._pending and self._pending[0].cancelled:
                         self._pending.popleft()
                         self.stats.cancelled += 1
-                    room = self.max_batch_size - len(self._rows)
+                    room = self.max_batch_size - len(self._rows) + len(self._leaving)
                     admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-                    if not admitted and not self._rows:
+                    if not admitted and len(self._rows) == len(self._leaving):
+                        self._rows, self._leaving, self._batch = [], set(), RunningBatch()
                         self._worker_alive = False
                         return
                 started = time.perf_counter()
@@ -236,9 +238,8 @@ class LocalTokenServer:
                         self.model.eval()  # left so: the trainer's update sets train mode itself
                     if admitted:
                         self._check_weights()
-                    for request in admitted:
-                        self._admit(request)
-                    self._drop_cancelled_rows()
+                    joining = [(r, kv) for r in admitted if (kv := self._admit(r)) is not None]
+                    self._repack(joining)
                     prefilled = time.perf_counter()
                     self.stats.prefill_seconds += prefilled - started
                     if self._rows:
@@ -251,7 +252,7 @@ class LocalTokenServer:
             with self._cv:
                 failed = list(self._pending) + self._rows
                 self._pending.clear()
-                self._rows, self._batch = [], RunningBatch()
+                self._rows, self._leaving, self._batch = [], set(), RunningBatch()
                 self._worker_alive = False
             for request in failed:
                 self._deliver(request, None, exc)
@@ -268,10 +269,11 @@ class LocalTokenServer:
             self._cache.clear()
         self._fingerprint = fingerprint
 
-    def _admit(self, request: _Request) -> None:
+    def _admit(self, request: _Request) -> KV | None:
+        """Prefill one request; its K/V when it goes on decoding, else None (answered or failed)."""
         if request.cancelled:
             self.stats.cancelled += 1
-            return
+            return None
         try:
             prompt = np.asarray(request.prompt, dtype=np.int64)
             # At least the last prompt token is run: its logits give the first new token.
@@ -282,20 +284,34 @@ class LocalTokenServer:
             self.stats.cached_prompt_tokens += hit
             self.stats.cache_hits += int(hit > 0)
             request.version = self._version
-            evictions = self._cache.evictions
-            self._cache.insert(prompt, kv)  # GRPO siblings arriving after this one share it
-            self.stats.evictions += self._cache.evictions - evictions
+            self._store(prompt, kv)  # GRPO siblings arriving after this one share it
             tokens, log_probs = select_tokens(logits, [request.params], [request.generator])
             reason = self._append(request, tokens[0], log_probs[0])
         except Exception as exc:
             logger.warning("request %s failed in prefill: %s", request.request_id, exc)
             self._deliver(request, None, exc)
-            return
+            return None
         if reason is not None:
             self._deliver(request, reason, None)
-        else:
-            self._batch.add(kv)
-            self._rows.append(request)
+            return None
+        return kv
+
+    def _repack(self, joining: list[tuple[_Request, KV]]) -> None:
+        """One repack of the decode batch: rows that are done leave, newly prefilled ones join."""
+        for i, request in enumerate(self._rows):
+            if request.cancelled and i not in self._leaving:
+                self.stats.cancelled += 1
+                self._leaving.add(i)
+        if not joining and not self._leaving:
+            return
+        self._batch.update(remove=sorted(self._leaving), add=[kv for _, kv in joining])
+        self._rows = [r for i, r in enumerate(self._rows) if i not in self._leaving] + [r for r, _ in joining]
+        self._leaving = set()
+
+    def _store(self, tokens: np.ndarray, kv: KV) -> None:
+        evictions = self._cache.evictions
+        self._cache.insert(tokens, kv)
+        self.stats.evictions += self._cache.evictions - evictions
 
     def _prefill(self, tokens: list[int], prefix: KV | None, start: int) -> tuple[Any, KV]:
         import torch
@@ -309,6 +325,8 @@ class LocalTokenServer:
     def _decode_step(self) -> None:
         import torch
 
+        if self._leaving:
+            self._repack([])
         rows = self._rows
         try:
             ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self.device)
@@ -322,34 +340,20 @@ class LocalTokenServer:
             logger.warning("decode step failed for %d requests: %s", len(rows), exc)
             for request in rows:
                 self._deliver(request, None, exc)
-            self._rows, self._batch = [], RunningBatch()
+            self._rows, self._leaving, self._batch = [], set(), RunningBatch()
             return
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(rows)
-        done: list[int] = []
         for i, (request, token, log_prob) in enumerate(zip(rows, tokens, log_probs)):
             reason = self._append(request, token, log_prob)
             if reason is None:
                 continue
-            done.append(i)
+            # Left in the batch until the next repack, which new requests usually join in the same copy.
+            self._leaving.add(i)
             if request.version == self._version:
                 # The K/V of prompt + all new tokens but the last (never fed back): the next turn's prefix.
-                evictions = self._cache.evictions
-                self._cache.insert(np.asarray(request.prompt + request.tokens[:-1], dtype=np.int64),
-                                   self._batch.row(i))
-                self.stats.evictions += self._cache.evictions - evictions
+                self._store(np.asarray(request.prompt + request.tokens[:-1], dtype=np.int64), self._batch.row(i))
             self._deliver(request, reason, None)
-        if done:
-            self._batch.remove(done)
-            finished = set(done)
-            self._rows = [r for i, r in enumerate(rows) if i not in finished]
-
-    def _drop_cancelled_rows(self) -> None:
-        gone = [i for i, r in enumerate(self._rows) if r.cancelled]
-        if gone:
-            self.stats.cancelled += len(gone)
-            self._batch.remove(gone)
-            self._rows = [r for r in self._rows if not r.cancelled]
 
     def _append(self, request: _Request, token: int, log_prob: float) -> str | None:
         """Record one sampled token; the finish reason ('stop' / 'length') when the request is done."""
