@@ -322,12 +322,13 @@ async def bench_model(label: str, overrides: dict[str, Any], args: argparse.Name
             await close()
 
     seq = rows.get("sequential")
-    lines += ["| GRPO step mode | wall s | model busy s | generate calls | prompt tokens | prefilled tokens | "
+    lines += ["| GRPO step mode | wall s | model busy s (prefill + decode) | generate calls | prompt tokens | prefilled tokens | "
               "new tokens | new tokens/s | prefix hit rate | mean decode batch | speed-up vs sequential | load avg at start |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
         speed = f"{seq['wall'] / r['wall']:.2f}x" if seq else "-"
-        lines.append(f"| {name} | {r['wall']:.2f} | {r['busy']:.2f} | {r['calls']} | {r['prompt']} | {r['prefill']} | "
+        split = f" ({r['prefill_s']:.1f} + {r['decode_s']:.1f})" if r.get("prefill_s", 0) + r.get("decode_s", 0) > 0 else ""
+        lines.append(f"| {name} | {r['wall']:.2f} | {r['busy']:.2f}{split} | {r['calls']} | {r['prompt']} | {r['prefill']} | "
                      f"{r['new']} | {r['new'] / r['wall']:.1f} | {r['hit']:.1%} | {r['batch']:.2f} | {speed} | "
                      f"{loads[name]} |")
     ratio = turn["cached_s"] / turn["fresh_s"]
