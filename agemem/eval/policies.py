@@ -139,7 +139,7 @@ def build_policy(settings: "Settings", model_path: Path | str | None = None) -> 
         model, tokenizer = load_checkpoint_model(settings, path, device)
         if has_random_weights(model):
             label += f" [{RANDOM_WEIGHTS_LABEL}]"
-        server = LocalTokenServer(model, tokenizer, device=device, default_max_tokens=settings.episode.max_turn_tokens)
+        server = LocalTokenServer.from_settings(model, tokenizer, settings, device=device)
         return PolicyHandle("tokens", lambda script: server, tokenizer, label, random_weights=has_random_weights(model))
     if not cfg.model:
         raise ValueError(f"eval.policy={cfg.policy} needs eval.model (the endpoint's model name)")

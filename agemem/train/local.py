@@ -148,9 +148,7 @@ class LocalTrainer:
             logger.info("resuming from %s (step %d)", latest, self.state.step)
         else:
             torch.manual_seed(settings.train.seed)
-        self.server = LocalTokenServer(
-            self.model, self.tokenizer, device=self.device, default_max_tokens=settings.episode.max_turn_tokens
-        )
+        self.server = LocalTokenServer.from_settings(self.model, self.tokenizer, settings, device=self.device)
 
     # -- rollouts -----------------------------------------------------------------------------
 
@@ -265,6 +263,7 @@ class LocalTrainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip))
             if math.isfinite(grad_norm) and math.isfinite(loss_total):
                 self.optimizer.step()
+                self.server.invalidate()  # a cache of the old weights must never serve a rollout
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics["train/skipped_updates"] = metrics.get("train/skipped_updates", 0.0) + 1
@@ -299,7 +298,8 @@ class LocalTrainer:
         gen_s = self.server.stats.seconds
         metrics = {"step": float(step), **self.rollout_metrics(rollouts), "rollouts/failed": float(len(self.failed)),
                    "time/rollout_s": rollout_s, "time/generate_s": gen_s,
-                   "time/engine_overhead_share": max(0.0, rollout_s - gen_s) / rollout_s if rollout_s else 0.0}
+                   "time/engine_overhead_share": max(0.0, rollout_s - gen_s) / rollout_s if rollout_s else 0.0,
+                   **self.server.stats.metrics()}
         t0 = time.perf_counter()
         metrics.update(self.update(rollouts))
         metrics["time/update_s"] = time.perf_counter() - t0
