@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shlex
@@ -259,9 +258,8 @@ async def four_by_500(model: Any, tokenizer: Any, device: str, calls: list[Call]
 async def bench_model(label: str, overrides: dict[str, Any], args: argparse.Namespace) -> list[str]:
     import torch
 
-    from agemem.agent.runner import build_engine
-    from agemem.agent.scripted import episode_from_raw
-    from agemem.assets import SAMPLE_DATA
+    from agemem.agent.episode import EpisodeEngine
+    from agemem.data.samples import sample_episodes
     from agemem.settings import load_settings
     from agemem.train.local import LocalTrainer, batch_indices
     from agemem.train.token_server import LocalTokenServer
@@ -269,13 +267,11 @@ async def bench_model(label: str, overrides: dict[str, Any], args: argparse.Name
     runs = Path(tempfile.mkdtemp(prefix="agemem-bench-rollout-"))
     settings = load_settings("smoke", {**overrides, "runs_dir": str(runs)})
     t = settings.train
-    records = json.loads(SAMPLE_DATA.read_text())
-    episodes = [episode_from_raw(records, i, distractors=settings.data.distractor_messages)
-                for i in range(settings.data.limit or 8)]
+    episodes = [e for e in sample_episodes(settings) if e.split == "train"]
     trainer = LocalTrainer(settings, episodes)  # loads the model the way training does (LoRA-wrapped)
     torch.set_num_threads(args.threads)
     scripts = [episodes[i] for i in batch_indices(len(episodes), 0, t.tasks_per_batch, t.seed)]
-    engine, closers = await build_engine(settings, tokenizer=trainer.tokenizer)
+    engine = EpisodeEngine.from_settings(settings, tokenizer=trainer.tokenizer)
     model, tok, device = trainer.model, trainer.tokenizer, trainer.device
     lines = [f"### {label}", "", f"model `{t.model}`, device {device}, {t.tasks_per_batch} tasks x "
              f"{t.rollouts_per_prompt} rollouts, max_turn_tokens {settings.episode.max_turn_tokens}, "
@@ -318,8 +314,7 @@ async def bench_model(label: str, overrides: dict[str, Any], args: argparse.Name
         quad = await four_by_500(model, tok, device, calls, settings.episode.temperature, not args.skip_sequential_4x)
         quad_load = load_avg()
     finally:
-        for close in closers:
-            await close()
+        await engine.aclose()
 
     seq = rows.get("sequential")
     lines += ["| GRPO step mode | wall s | model busy s (prefill + decode) | generate calls | prompt tokens | prefilled tokens | "

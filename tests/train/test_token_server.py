@@ -24,7 +24,7 @@ ATOL = 1e-4  # float32; batched/cached attention sums in another order than one 
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[Any, Any, Settings]:
-    from agemem.train.tiny_model import build_tiny_qwen2, load_tokenizer
+    from agemem.train.models import build_tiny_qwen2, load_tokenizer
 
     settings = load_settings("smoke", {"train": {"tiny_hidden_size": 64, "tiny_num_layers": 2}})
     tokenizer = load_tokenizer(settings)
@@ -288,7 +288,7 @@ def test_trainer_invalidates_after_its_optimizer_step_and_logs_cache_metrics(
 
 
 def test_smollm2_gguf_batched_cached_log_probs(shared_dir: Path) -> None:
-    from agemem.train.tiny_model import load_policy_model, load_tokenizer
+    from agemem.train.models import load_policy_model, load_tokenizer
 
     gguf = shared_dir / "models/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.is_file():
