@@ -413,6 +413,10 @@ class EvalSettings(_Section):
     )
     limit: int | None = Field(None, ge=1, description="Evaluate the first N episodes (None = all).")
     concurrency: int = Field(4, ge=1, description="Episodes evaluated at once.")
+    seed: int | None = Field(
+        0, ge=0, description="Sampling seed of a checkpoint's episodes (one per episode and turn), so checkpoints are "
+        "compared on the same random draws and a report is reproducible; None = unseeded."
+    )
     output_dir: Path = Field(Path("runs/eval"), description="Reports land in <output_dir>/<policy>-<time>.")
     compare_checkpoints: bool = Field(
         False, description="The pipeline also evaluates the base and warm-start models, in one table with GRPO's."
