@@ -352,6 +352,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="train.device: auto, cpu, cuda:0")
     parser.add_argument("--smollm2", default=str(SMOLLM2), help="the SmolLM2 GGUF file")
     parser.add_argument("--skip-sequential-step", action="store_true", help="no sequential GRPO step (slow)")
+    parser.add_argument("--tasks", type=int, default=2, help="train.tasks_per_batch of the GRPO step")
+    parser.add_argument("--rollouts", type=int, default=2, help="train.rollouts_per_prompt of the GRPO step")
     parser.add_argument("--skip-sequential-4x", action="store_true", help="no sequential 4 x 500 x 64 row")
     args = parser.parse_args()
     import logging
@@ -361,7 +363,8 @@ def main() -> None:
     print(f"machine: {machine()}; load average at start {load_avg()}")
     print()
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        overrides: dict[str, Any] = {"train": {"device": args.device, "torch_threads": args.threads}}
+        overrides: dict[str, Any] = {"train": {"device": args.device, "torch_threads": args.threads,
+                                               "tasks_per_batch": args.tasks, "rollouts_per_prompt": args.rollouts}}
         if name == "smollm2":
             if not Path(args.smollm2).is_file():
                 print(f"### SmolLM2: {args.smollm2} not found, skipped\n")
