@@ -1,4 +1,4 @@
-"""Streaming sha256 of files: data-file hashes, Prefect cache keys and registry content hashes."""
+"""Streaming sha256 of files (data-file hashes, Prefect cache keys, registry content hashes) and stable seeds."""
 
 from __future__ import annotations
 
@@ -23,4 +23,10 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["file_sha256", "update_with_file"]
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts``, the same in every process (Python's ``hash`` of a str is not)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+__all__ = ["file_sha256", "stable_seed", "update_with_file"]

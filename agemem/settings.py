@@ -364,6 +364,18 @@ class TrainSettings(_Section):
     )
     agent_workers: int = Field(8, ge=1, description="verl agent-loop workers (Ray actors).")
     experiment_name: str = Field("agemem-grpo", description="verl trainer.experiment_name / local run label.")
+    # Local token server (local trainer and checkpoint evaluation), see agemem/train/token_server.py.
+    token_server_cache_tokens: int = Field(
+        32768, ge=0, le=10_000_000,
+        description="Local token server: tokens of keys/values kept for prefix reuse across turns and GRPO "
+        "siblings (least recently used evicted first; 0 = no reuse). Memory per token is "
+        "2 x layers x kv_heads x head_dim x dtype bytes (SmolLM2-135M fp32: 46 KB).",
+    )
+    token_server_max_batch: int = Field(
+        16, ge=1, le=1024,
+        description="Local token server: most sequences decoded together in one forward pass; further "
+        "requests wait for a free row.",
+    )
     extra_overrides: list[str] = Field(
         default_factory=list, description="Extra verl Hydra overrides ('key=value'); they win over ours."
     )
@@ -421,10 +433,15 @@ class EvalSettings(PolicySettings):
         "eval", description="Which episodes to evaluate; 'eval' falls back to all when the file has none."
     )
     limit: int | None = Field(None, ge=1, description="Evaluate the first N episodes (None = all).")
+    seed: int | None = Field(
+        0, ge=0, description="Sampling seed of a checkpoint's episodes (one per episode and turn), so checkpoints are "
+        "compared on the same random draws and a report is reproducible; None = unseeded."
+    )
     output_dir: Path = Field(Path("runs/eval"), description="Reports land in <output_dir>/<policy>-<time>.")
     compare_checkpoints: bool = Field(
         False, description="The pipeline also evaluates the base and warm-start models, in one table with GRPO's."
     )
+
 
 class ChatSettings(PolicySettings):
     """``agemem chat`` and the served agent (the registry's MLflow model): the policy and the memory space."""

@@ -45,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
+from agemem.memory.client import KEEPALIVE_EXPIRY_S  # noqa: E402
 from agemem.memory.process import start_server_process, stop_server_process  # noqa: E402
 
 TOOLS = ("Add_memory", "Retrieve_memory", "Update_memory", "Delete_memory")
@@ -297,7 +298,8 @@ async def run_load_against(
     """Drive an already running server; see the module docstring for the workload."""
     report = LoadReport(sessions=sessions, duration_s=duration_s)
     server = psutil.Process(server_pid)
-    limits = httpx.Limits(max_connections=sessions + 4, max_keepalive_connections=sessions + 4)
+    limits = httpx.Limits(max_connections=sessions + 4, max_keepalive_connections=sessions + 4,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
     async with httpx.AsyncClient(base_url=base_url, timeout=60.0, limits=limits) as http:
         # Warm-up (first embedding, first search) before the baseline RSS.
         warm = _Session(-1, http, LoadReport(sessions=1, duration_s=1), seed, keep)
@@ -326,7 +328,7 @@ async def run_fairness(base_url: str, *, quiet: int = 4, noisy_in_flight: int = 
     report = FairnessReport(quiet_sessions=quiet, noisy_in_flight=noisy_in_flight)
     rng = random.Random(seed)
     filler = " ".join(rng.choice(_SUBJECTS) for _ in range(1400))[:8000]  # ~8 KB, under memory.max_content_bytes
-    limits = httpx.Limits(max_connections=quiet + noisy_in_flight + 4)
+    limits = httpx.Limits(max_connections=quiet + noisy_in_flight + 4, keepalive_expiry=KEEPALIVE_EXPIRY_S)
     async with httpx.AsyncClient(base_url=base_url, timeout=120.0, limits=limits) as http:
         quiet_sessions = [await _session(http) for _ in range(quiet)]
         for sid, auth in quiet_sessions:
@@ -423,8 +425,9 @@ async def run_slow_clients(base_url: str, *, idle: int = 1100, trickling: int = 
                     pass
             await asyncio.sleep(1.0)
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=10.0) as worker, \
-            httpx.AsyncClient(base_url=base_url, timeout=10.0) as prober:
+    limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    async with httpx.AsyncClient(base_url=base_url, timeout=10.0, limits=limits) as worker, \
+            httpx.AsyncClient(base_url=base_url, timeout=10.0, limits=limits) as prober:
         sid, auth = await _session(worker)
         deadline = time.monotonic() + duration_s
 

@@ -113,6 +113,7 @@ class StageDriver:
         self.threshold = auto_summary_threshold(self.cfg)
         self.generate_s = 0.0
         self.teacher_cut_warned = False
+        self.turns = 0
 
     # -- budget -------------------------------------------------------------------------------
     def _enforce_budget(self) -> None:
@@ -157,12 +158,21 @@ class StageDriver:
         if messages is not None:
             generation = self._teacher_turn(await self.policy.chat(messages, dict(self.sampling)))
         else:
-            out = await self.policy.generate(self.request_id, prompt_ids=prompt, sampling_params=dict(self.sampling))
+            out = await self.policy.generate(self.request_id, prompt_ids=prompt, sampling_params=self._turn_sampling())
             generation = Generation.of(out)
         self.generate_s += time.perf_counter() - start
         ids = s.recorder.record(generation, self.cfg.max_turn_tokens)
         s.stats.add_tokens(s.stage, model=len(ids))
         return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _turn_sampling(self) -> dict[str, Any]:
+        """This turn's sampling parameters; a trajectory ``seed`` becomes one seed per turn (the same
+        seed on every turn would replay the same random draws)."""
+        params = dict(self.sampling)
+        if params.get("seed") is not None:
+            params["seed"] = (int(params["seed"]) + self.turns) % 2**63
+        self.turns += 1
+        return params
 
     def _teacher_turn(self, text: Any) -> Generation:
         """A teacher's reply as the policy's own tokens (closed with eos, as a sampled turn would be)."""

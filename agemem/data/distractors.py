@@ -27,7 +27,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from agemem.data.episodes_io import (
     EpisodeFileError,
@@ -359,6 +359,62 @@ def episodes_path_for(scripts_path: Path) -> Path:
     return scripts_path.with_name(EPISODES_FILE)
 
 
+def _up_to_date(out: Path, stats_path: Path, key: str) -> bool:
+    """True when ``out`` was written from inputs hashing to ``key`` and is unchanged since."""
+    old = read_json(stats_path)
+    if not (out.exists() and isinstance(old, dict) and old.get("input_hash") == key):
+        return False
+    recorded, actual = old.get("episodes_sha256"), file_sha256(out)
+    if recorded == actual:
+        logger.info("%s is up to date (input hash %s); reusing it", out, key)
+        return True
+    logger.warning("%s changed since it was written (sha256 %s, recorded %s); rebuilding it",
+                   out, actual[:12], str(recorded)[:12])
+    return False
+
+
+def _resumable(partial: Path, meta_path: Path, src: Path, key: str, scripts: list[EpisodeScript],
+               force: bool) -> dict[str, EpisodeScript]:
+    """Episodes a previous run of the same inputs finished (stale work from other inputs is dropped)."""
+    meta = read_json(meta_path)
+    if force or not isinstance(meta, dict) or meta.get("input_hash") != key:
+        partial.unlink(missing_ok=True)
+    write_json({"input_hash": key, "scripts": str(src)}, meta_path)
+    wanted = {s.episode_id for s in scripts}
+    return {k: v for k, v in recover_partial(partial).items() if k in wanted}
+
+
+def _fill(settings: "Settings", todo: list[EpisodeScript], offline: OfflineDistractors,
+          emit: Callable[[EpisodeScript], None], client: LLMClient | None) -> dict[str, int]:
+    """Fill ``todo`` with the configured backend, ``emit`` each; returns the LLM usage of this run."""
+    if settings.data.distractor_backend == "offline" or not todo:
+        for script in todo:
+            emit(offline.fill(script))
+        return {}
+    llm = client or build_llm_client(settings, "llm")
+    if llm.offline:
+        # The model-free backend would only echo the prompt; the offline algorithm is the real one.
+        logger.warning("distractor_backend=llm but llm.backend is offline; using offline distractors")
+        for script in todo:
+            emit(offline.fill(script))
+    else:
+        synth = LLMDistractors(llm, settings, offline)
+        asyncio.run(_run_and_close(synth, todo, settings.data.synth_concurrency, emit, close=client is None))
+    return llm.usage.as_dict()
+
+
+def _stats(settings: "Settings", key: str, digest: str, final: list[EpisodeScript], resumed: int,
+           usage: dict[str, int]) -> dict[str, Any]:
+    sources: dict[str, int] = {}
+    for ep in final:
+        for d in ep.distractors:
+            kind = d.source.split(":", 1)[0]
+            sources[kind] = sources.get(kind, 0) + 1
+    return {"input_hash": key, "episodes_sha256": digest, "episodes": len(final),
+            "synthesizer": settings.data.distractor_backend, "distractors_by_source": sources,
+            "resumed": resumed, "llm_usage_this_run": usage}
+
+
 def synthesize(
     settings: "Settings",
     scripts_path: Path | None = None,
@@ -372,7 +428,6 @@ def synthesize(
     ``progress(done, total)`` is called after each episode (resumed ones count as done at start).
     ``client`` overrides the client built from ``settings.llm`` (``llm`` backend only).
     """
-
     src = Path(scripts_path) if scripts_path is not None else default_scripts_path(settings)
     if not src.is_file():
         raise EpisodeFileError(f"{src}: no scripts file; run `agemem data prepare` first")
@@ -382,31 +437,17 @@ def synthesize(
     meta_path = out.with_name(PARTIAL_META)
     scripts = read_episodes(src)
     key = synth_hash(settings, file_sha256(src))
-
-    old = read_json(stats_path)
-    if not force and out.exists() and isinstance(old, dict) and old.get("input_hash") == key:
-        recorded, actual = old.get("episodes_sha256"), file_sha256(out)
-        if recorded == actual:
-            logger.info("%s is up to date (input hash %s); reusing it", out, key)
-            if progress:
-                progress(len(scripts), len(scripts))
-            return out
-        logger.warning("%s changed since it was written (sha256 %s, recorded %s); rebuilding it",
-                       out, actual[:12], str(recorded)[:12])
-    meta = read_json(meta_path)
-    if force or not isinstance(meta, dict) or meta.get("input_hash") != key:
-        partial.unlink(missing_ok=True)  # stale work from other inputs must not leak in
-    write_json({"input_hash": key, "scripts": str(src)}, meta_path)
-    done = recover_partial(partial)
-    wanted = {s.episode_id for s in scripts}
-    done = {k: v for k, v in done.items() if k in wanted}
+    if not force and _up_to_date(out, stats_path, key):
+        if progress:
+            progress(len(scripts), len(scripts))
+        return out
+    done = _resumable(partial, meta_path, src, key, scripts, force)
     todo = [s for s in scripts if s.episode_id not in done]
     logger.info("distractors: %d episodes, %d already done, %d to do", len(scripts), len(done), len(todo))
     if progress:
         progress(len(done), len(scripts))
 
     offline = OfflineDistractors(scripts, settings.data.seed, settings.data.distractor_max_chars)
-    usage: dict[str, int] = {}
     with partial.open("a", encoding="utf-8") as fh:
 
         def emit(ep: EpisodeScript) -> None:
@@ -415,40 +456,11 @@ def synthesize(
             if progress:
                 progress(len(done), len(scripts))
 
-        if settings.data.distractor_backend == "offline":
-            for script in todo:
-                emit(offline.fill(script))
-        elif todo:
-            llm = client or build_llm_client(settings, "llm")
-            if llm.offline:
-                # The model-free backend would only echo the prompt; the offline algorithm is the real one.
-                logger.warning("distractor_backend=llm but llm.backend is offline; using offline distractors")
-                for script in todo:
-                    emit(offline.fill(script))
-            else:
-                synth = LLMDistractors(llm, settings, offline)
-                asyncio.run(_run_and_close(synth, todo, settings.data.synth_concurrency, emit, close=client is None))
-            usage = llm.usage.as_dict()
+        usage = _fill(settings, todo, offline, emit, client)
 
     final = [done[s.episode_id] for s in scripts]
     digest = write_episodes(final, out)
-    sources: dict[str, int] = {}
-    for ep in final:
-        for d in ep.distractors:
-            kind = d.source.split(":", 1)[0]
-            sources[kind] = sources.get(kind, 0) + 1
-    write_json(
-        {
-            "input_hash": key,
-            "episodes_sha256": digest,
-            "episodes": len(final),
-            "synthesizer": settings.data.distractor_backend,
-            "distractors_by_source": sources,
-            "resumed": len(scripts) - len(todo),
-            "llm_usage_this_run": usage,
-        },
-        stats_path,
-    )
+    write_json(_stats(settings, key, digest, final, len(scripts) - len(todo), usage), stats_path)
     partial.unlink(missing_ok=True)
     meta_path.unlink(missing_ok=True)
     logger.info("wrote %d episodes to %s", len(final), out)

@@ -178,7 +178,7 @@ def _checkpoint_policy(settings: "Settings", model_path: Path | str | None, cfg:
     random = has_random_weights(model)
     if random:
         label += f" [{RANDOM_WEIGHTS_LABEL}]"
-    server = LocalTokenServer(model, tokenizer, device=device, default_max_tokens=settings.episode.max_turn_tokens)
+    server = LocalTokenServer.from_settings(model, tokenizer, settings, device=device)
     return PolicyHandle("tokens", lambda script: server, tokenizer, label, random_weights=random,
                         for_conversation=lambda: server)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from agemem.agent.episode import EpisodeEngine
 from agemem.data.episodes_io import read_episodes
+from agemem.digests import stable_seed
 from agemem.eval.metrics import aggregate, episode_row, error_row
 from agemem.eval.policies import PolicyHandle, build_policy
 from agemem.eval.hotpot_format import write_official
@@ -94,7 +95,10 @@ async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, mod
             policy = handle.for_script(script)
             try:
                 if handle.mode == "tokens":
-                    result = await engine.run_tokens(script, policy, request_id=f"eval-{script.episode_id}")
+                    seeded = None if settings.eval.seed is None else {
+                        "seed": stable_seed(settings.eval.seed, script.episode_id)}
+                    result = await engine.run_tokens(script, policy, request_id=f"eval-{script.episode_id}",
+                                                     sampling_overrides=seeded)
                 else:
                     result = await engine.run_chat(script, policy)
             except Exception as exc:  # noqa: BLE001 - one failed episode must not lose the others

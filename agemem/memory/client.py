@@ -35,6 +35,8 @@ from agemem.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+KEEPALIVE_EXPIRY_S = 2.0
+
 
 class InProcessMemoryClient:
     """Calls a :class:`MemoryService` in this process (the embedded default, and tests)."""
@@ -91,7 +93,10 @@ class HttpMemoryClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # Idle connections are dropped well before the server's keep-alive timeout (5 s by default):
+            # reusing one the server is closing that instant fails the request in flight.
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     @classmethod
@@ -256,4 +261,4 @@ def build_memory_client(settings: Settings) -> MemoryClient:
     return InProcessMemoryClient(MemoryService.from_settings(settings), owns_service=True)
 
 
-__all__ = ["HttpMemoryClient", "InProcessMemoryClient", "MemorySessionError", "build_memory_client"]
+__all__ = ["HttpMemoryClient", "InProcessMemoryClient", "KEEPALIVE_EXPIRY_S", "MemorySessionError", "build_memory_client"]

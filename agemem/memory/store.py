@@ -85,7 +85,13 @@ _LOCKED = (
     "other processes at that server with memory.server_url, or use another " + _URI_SETTING + ")"
 )
 # As milvus-lite's own server: large query results must fit one message.
-_GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+_GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20),
+    # pymilvus pings every 10 s, also while idle; gRPC's default server policy (one ping per 5 min
+    # without data) answered that with GOAWAY "too_many_pings", logged by gRPC as an E-level line.
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000), ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 class _LiteServer:

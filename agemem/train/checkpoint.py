@@ -14,6 +14,7 @@ leaves a half-written checkpoint that resume would pick up.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -169,3 +170,17 @@ def load_checkpoint(directory: Path, *, model: Any, optimizer: torch.optim.Optim
     optimizer.load_state_dict(raw["optimizer"])
     restore_rng(raw["rng"])
     return TrainerState(step=int(raw["step"]), history=list(raw.get("history", [])))
+
+def append_metrics(root: Path, metrics: dict[str, float]) -> None:
+    """One step's metrics as a line of ``<root>/metrics.jsonl``."""
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+
+
+def rewrite_metrics(root: Path, history: list[dict[str, float]]) -> None:
+    """On resume, ``metrics.jsonl`` is made to match the checkpoint's history (no duplicate steps)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
+    tmp.replace(root / "metrics.jsonl")

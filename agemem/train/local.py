@@ -28,6 +28,7 @@ import numpy as np
 from agemem.agent.episode import EpisodeEngine
 from agemem.data.episodes_io import read_episodes
 from agemem.data.hotpot import require_labelled
+from agemem.digests import stable_seed
 from agemem.data.records import EpisodeScript
 from agemem.reward.score import score_episode
 from agemem.settings import Settings
@@ -121,6 +122,16 @@ def trainable_policy(settings: Settings, device: str, *, reference: bool) -> Tra
     return TrainablePolicy(tokenizer, base, ref, False)
 
 
+def rollout_metrics(rollouts: list[Rollout]) -> dict[str, float]:
+    """The step's rollout metrics (:mod:`agemem.train.metrics`, the names verl logs too) and token counts."""
+    out = step_metrics([trajectory_metrics(r.result.extra_fields(), r.scores) for r in rollouts])
+    out["tokens/model"] = float(sum(sum(sum(s.response_mask) for s in r.result.segments) for r in rollouts))
+    out["tokens/total"] = float(sum(sum(len(s.prompt_ids) + len(s.response_ids) for s in r.result.segments)
+                                    for r in rollouts))
+    out["episode/segments"] = float(statistics.fmean(len(r.result.segments) for r in rollouts))
+    return out
+
+
 class LocalTrainer:
     """Holds the model, optimiser, engine and token server for one training run."""
 
@@ -148,9 +159,7 @@ class LocalTrainer:
             logger.info("resuming from %s (step %d)", latest, self.state.step)
         else:
             torch.manual_seed(settings.train.seed)
-        self.server = LocalTokenServer(
-            self.model, self.tokenizer, device=self.device, default_max_tokens=settings.episode.max_turn_tokens
-        )
+        self.server = LocalTokenServer.from_settings(self.model, self.tokenizer, settings, device=self.device)
 
     # -- rollouts -----------------------------------------------------------------------------
 
@@ -164,7 +173,10 @@ class LocalTrainer:
             nonlocal finished
             trajectory_id = f"{script.episode_id}-s{step}-r{k}-{uuid.uuid4().hex[:8]}"
             try:
-                result = await engine.run_tokens(script, self.server, request_id=trajectory_id)
+                # Per trajectory: reproducible from train.seed although batched decoding interleaves draws.
+                seed = stable_seed(self.settings.train.seed, step, script.episode_id, k)
+                result = await engine.run_tokens(script, self.server, request_id=trajectory_id,
+                                                 sampling_overrides={"seed": seed})
                 return Rollout(script, f"{script.episode_id}#{step}", trajectory_id, result,
                                score_episode(result, script))
             finally:
@@ -265,6 +277,7 @@ class LocalTrainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip))
             if math.isfinite(grad_norm) and math.isfinite(loss_total):
                 self.optimizer.step()
+                self.server.invalidate()  # a cache of the old weights must never serve a rollout
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics["train/skipped_updates"] = metrics.get("train/skipped_updates", 0.0) + 1
@@ -279,15 +292,6 @@ class LocalTrainer:
 
     # -- one step / the run -------------------------------------------------------------------
 
-    def rollout_metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
-        """The step's rollout metrics (:mod:`agemem.train.metrics`, the names verl logs too) and token counts."""
-        out = step_metrics([trajectory_metrics(r.result.extra_fields(), r.scores) for r in rollouts])
-        out["tokens/model"] = float(sum(sum(sum(s.response_mask) for s in r.result.segments) for r in rollouts))
-        out["tokens/total"] = float(sum(sum(len(s.prompt_ids) + len(s.response_ids) for s in r.result.segments)
-                                        for r in rollouts))
-        out["episode/segments"] = float(statistics.fmean(len(r.result.segments) for r in rollouts))
-        return out
-
     async def step(self, engine: EpisodeEngine, step: int) -> dict[str, float]:
         """Rollouts, metrics and one update for ``step`` (1-based)."""
         t = self.settings.train
@@ -297,9 +301,10 @@ class LocalTrainer:
         rollouts = await self.rollouts(engine, [self.episodes[i] for i in idx], step)
         rollout_s = time.perf_counter() - started
         gen_s = self.server.stats.seconds
-        metrics = {"step": float(step), **self.rollout_metrics(rollouts), "rollouts/failed": float(len(self.failed)),
+        metrics = {"step": float(step), **rollout_metrics(rollouts), "rollouts/failed": float(len(self.failed)),
                    "time/rollout_s": rollout_s, "time/generate_s": gen_s,
-                   "time/engine_overhead_share": max(0.0, rollout_s - gen_s) / rollout_s if rollout_s else 0.0}
+                   "time/engine_overhead_share": max(0.0, rollout_s - gen_s) / rollout_s if rollout_s else 0.0,
+                   **self.server.stats.metrics()}
         t0 = time.perf_counter()
         metrics.update(self.update(rollouts))
         metrics["time/update_s"] = time.perf_counter() - t0
@@ -328,7 +333,7 @@ class LocalTrainer:
                 self.state.history.append(metrics)
                 if step % t.save_every == 0 or step == t.total_steps:
                     self.save(final=step == t.total_steps)
-                self.append_metrics(metrics)
+                ckpt.append_metrics(self.root, metrics)
                 self.log_mlflow(metrics, step)
                 logger.info("step %d/%d reward %.3f±%.3f loss %.4f entropy %.3f tool calls %.2f (%.1fs)", step,
                             t.total_steps, metrics["reward/mean"], metrics["reward/std"],
@@ -346,18 +351,6 @@ class LocalTrainer:
         return ckpt.save_checkpoint(self.root, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
                                     state=self.state, write_model=final or not self.lora, card="\n".join(card),
                                     keep=self.settings.train.keep_checkpoints)
-
-    def append_metrics(self, metrics: dict[str, float]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
-
-    def rewrite_metrics(self) -> None:
-        """On resume, metrics.jsonl is made to match the checkpoint's history (no duplicate steps)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in self.state.history))
-        tmp.replace(self.root / "metrics.jsonl")
 
     def log_mlflow(self, metrics: dict[str, float], step: int) -> None:
         if self.mlflow_run_id:
@@ -388,7 +381,7 @@ def train_local(settings: Settings, episodes_path: Path, *, mlflow_run_id: str |
     """
     episodes = load_train_episodes(Path(episodes_path))
     trainer = LocalTrainer(settings, episodes, mlflow_run_id=mlflow_run_id, progress=progress)
-    trainer.rewrite_metrics()
+    ckpt.rewrite_metrics(trainer.root, trainer.state.history)
     if trainer.state.step >= settings.train.total_steps:
         logger.info("already at step %d >= total_steps %d; nothing to do", trainer.state.step,
                     settings.train.total_steps)

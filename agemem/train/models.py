@@ -161,7 +161,7 @@ def build_tiny_qwen2(settings: Settings, tokenizer: Any) -> Any:
 
 
 def load_policy_model(settings: Settings, tokenizer: Any, *, device: str, model: str | None = None) -> Any:
-    """The base causal LM on ``device`` in float32 (CPU) or bfloat16 (GPU).
+    """The base causal LM on ``device`` in float32 (CPU) or bfloat16 (a GPU that supports it, else float32).
 
     ``model`` overrides ``train.model``. The returned model's ``name_or_path`` is that source
     (the GGUF file itself for GGUF), so a LoRA adapter's ``base_model_name_or_path`` names the base.
@@ -172,7 +172,7 @@ def load_policy_model(settings: Settings, tokenizer: Any, *, device: str, model:
     source = model or settings.train.model
     if is_tiny(source):
         return build_tiny_qwen2(settings, tokenizer).to(device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     gguf = gguf_source(source)
     if gguf is not None:
         logger.info("loading %s from GGUF (dequantised to %s)", gguf[1], dtype)

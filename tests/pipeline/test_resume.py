@@ -27,10 +27,13 @@ ROOT = Path(__file__).resolve().parents[2]
 AGEMEM = str(Path(sys.executable).with_name("agemem"))
 
 
+def _pairs(runs_dir: Path) -> list[str]:
+    return as_pairs(TINY_TRAIN) + [f"runs_dir={runs_dir}", "data.limit=4", "eval.limit=2", "train.total_steps=3"]
+
+
 def _command(runs_dir: Path) -> list[str]:
-    pairs = as_pairs(TINY_TRAIN) + [f"runs_dir={runs_dir}", "data.limit=4", "eval.limit=2", "train.total_steps=3"]
     cmd = [AGEMEM, "pipeline", "--profile", "smoke"]
-    for pair in pairs:
+    for pair in _pairs(runs_dir):
         cmd += ["--set", pair]
     return cmd
 
@@ -42,9 +45,17 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def _checkpoint_root(runs_dir: Path) -> Path:
+    """Where this configuration's local checkpoints go (a directory keyed by its config hash)."""
+    from agemem.settings import load_settings
+    from agemem.train.local import output_root
+
+    return output_root(load_settings("smoke", _pairs(runs_dir)))
+
+
 def test_killed_during_training_resumes_from_checkpoint_with_cached_data(tmp_path: Path) -> None:
     runs_dir = tmp_path / "runs"
-    first_ckpt = runs_dir / "checkpoints" / "local" / "step_000001" / "trainer_state.pt"
+    first_ckpt = _checkpoint_root(runs_dir) / "step_000001" / "trainer_state.pt"
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(_command(runs_dir), cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -75,7 +86,8 @@ def test_killed_during_training_resumes_from_checkpoint_with_cached_data(tmp_pat
     assert summary["cached"] == {"prepare_data": True, "synthesize_distractors": True, "train": False}
     assert (first_ckpt.parents[1] / "step_000003" / "trainer_state.pt").is_file()
     assert first_ckpt.stat().st_mtime_ns == first_state_mtime or not first_ckpt.exists()  # pruned or untouched
-    assert "Registered model: agemem-policy v1 aliases candidate, champion" in out
+    # The tiny model has random weights: registered, labelled, and not crowned (the gate's default).
+    assert "Registered model: agemem-policy v1 [RANDOM WEIGHTS] aliases candidate " in out
     history = [json.loads(line)["step"] for line in
                (first_ckpt.parents[1] / "metrics.jsonl").read_text().splitlines()]
     assert history == [1, 2, 3]
