@@ -4,7 +4,8 @@ The same system prompt, tool schemas, parser, context window, budget and tool ex
 episode: a :class:`Conversation` is an :class:`~agemem.agent.state.EpisodeState` driven by the
 engine's :class:`~agemem.agent.episode.StageDriver`, one :meth:`~StageDriver.turn` per user
 message. The context keeps growing across messages (overflow handled by
-``episode.overflow_policy``, Summary/Filter_context available to the model); long-term memory is
+dropping the oldest messages whatever ``episode.overflow_policy`` says, Summary/Filter_context
+available to the model); long-term memory is
 the given session, typically a named memory space that outlives the conversation.
 
 Messages of a conversation are stage 0 (memories it stores carry ``{"stage": "0"}``).
@@ -76,6 +77,10 @@ class Conversation:
         self.max_rounds = max_rounds
         self.state = engine.new_state(conversation_script(label or f"chat-{uuid.uuid4().hex[:12]}"), session)
         self.state.stage = CONVERSATION_STAGE
+        if self.state.cfg.overflow_policy == "end_stage":
+            # Ending "the stage" of a conversation would leave it over budget for every later
+            # message: a conversation always drops its oldest messages instead.
+            self.state.cfg = self.state.cfg.model_copy(update={"overflow_policy": "truncate"})
         self.state.on_event = on_event
         self.driver = engine.driver(self.state, policy, mode=mode,
                                     sampling=engine.sampling_params(sampling_overrides))

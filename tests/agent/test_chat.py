@@ -163,3 +163,23 @@ def test_a_missing_registry_alias_names_the_fix(tmp_path: Path) -> None:
                                    "--model", "models:/agemem-policy@champion", "-m", "hi"])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "tracking.crown_random_weights=true" in res.output and "models:/agemem-policy@candidate" in res.output
+
+
+async def test_a_long_conversation_drops_its_oldest_messages_instead_of_ending(smoke_settings) -> None:
+    """Even under overflow_policy=end_stage: a conversation over budget keeps answering."""
+    settings = smoke_settings.model_copy(update={
+        "chat": smoke_settings.chat.model_copy(update={"policy": "scripted"}),
+        "episode": smoke_settings.episode.model_copy(update={"overflow_policy": "end_stage"}),
+    })
+    agent = MemoryAgent.from_settings(settings)
+    try:
+        convo = await agent.conversation("long")
+        budget = convo.budget()["budget"]
+        system = convo.budget()["context_tokens"]
+        filler = " ".join(["the quick brown fox jumps over the lazy dog"] * 30)
+        turns = [await convo.say(f"note {i}: {filler}") for i in range(2 * (budget - system) // 300 + 2)]
+        assert convo.budget()["overflows"] >= 1  # the budget was hit ...
+        assert all(t.answered for t in turns)  # ... and every message still got its answer
+        assert turns[-1].context_tokens <= budget
+    finally:
+        await agent.aclose()
