@@ -55,7 +55,12 @@ class MemoryAgent:
 
     async def space(self, name: str | None = None) -> MemorySession:
         """The session of the memory space ``name`` (default ``chat.space``), created on first use."""
-        return await open_space(self.memory, self.tokens, name or self.settings.chat.space)
+        from agemem.memory.service import SessionAuthError
+
+        try:
+            return await open_space(self.memory, self.tokens, name or self.settings.chat.space)
+        except SessionAuthError as exc:  # the server token (memory.server_token) was refused
+            raise PermissionError(f"{self.tokens.backend}: {exc}") from None
 
     async def conversation(self, space: str | None = None, *, on_event: Callable[[ToolEvent], None] | None = None,
                            sampling_overrides: dict[str, Any] | None = None,

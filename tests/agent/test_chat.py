@@ -108,6 +108,12 @@ def test_spaces_persist_on_a_tool_server_and_are_never_swept(tmp_path: Path) -> 
         with pytest.raises(LookupError, match="exists on .* holds no token for it"):
             asyncio.run(stranger())
 
+        # A wrong server token is one error line, not a traceback.
+        wrong = CliRunner().invoke(app, ["chat", "--policy", "scripted", "--set", f"runs_dir={tmp_path / 'wrong'}",
+                                         "--set", f"memory.server_url={base_url}", "--set", "memory.server_token=nope",
+                                         "--space", "elsewhere", "-m", "hi"])
+        assert wrong.exit_code == 2 and "server token refused" in wrong.output and "Traceback" not in wrong.output
+
 
 def test_space_names_and_ids() -> None:
     assert space_session_id("my_space-1") == "space-my_space-1" and space_name("space-my_space-1") == "my_space-1"
