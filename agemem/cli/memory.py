@@ -21,7 +21,7 @@ import typer
 from agemem.cli.common import JsonOpt, ProfileOpt, SetOpt, VerboseOpt, command, new_app, settings_from_cli
 from agemem.memory.admin import SessionInfo
 from agemem.memory.admin_client import AdminClient, build_admin_client, read_jsonl, write_jsonl
-from agemem.memory.service import UnknownSessionError
+from agemem.memory.service import SessionAuthError, UnknownSessionError
 from agemem.memory.spaces import SpaceTokens, backend_key, space_session_id
 from agemem.settings import Settings
 
@@ -60,6 +60,8 @@ def _admin(settings: Settings, work: Callable[[AdminClient], Awaitable[Any]]) ->
             return await work(client)
         except UnknownSessionError as exc:
             raise LookupError(f"{exc} in {backend_key(settings)} (`agemem memory list` shows them)") from None
+        except SessionAuthError as exc:
+            raise PermissionError(f"{backend_key(settings)}: {exc}") from None
         finally:
             await client.aclose()
 

@@ -126,6 +126,10 @@ def test_list_show_export_delete_import_round_trip_over_http(tmp_path: Path) -> 
 
         assert "Zoë" in asyncio.run(search())
 
+        wrong = CliRunner().invoke(app, ["memory", "list", "--profile", "smoke", "--set", f"runs_dir={tmp_path}",
+                                         "--set", f"memory.server_url={base_url}", "--set", "memory.server_token=nope-token"])
+        assert wrong.exit_code == 2 and "wrong server token" in wrong.output and "Traceback" not in wrong.output
+
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"memory_id": "x", "content": "ok"}\nnot json\n', encoding="utf-8")
         res = CliRunner().invoke(app, ["memory", "import", "notes", str(bad), "--profile", "smoke",
