@@ -46,7 +46,8 @@ class InProcessMemoryClient:
         self._owns_service = owns_service
 
     async def create_session(self, space: str | None = None) -> MemorySession:
-        return await self.service.create_session(space=space)
+        # No space: the plain call, as before spaces existed (wrappers of create_session keep working).
+        return await (self.service.create_session() if space is None else self.service.create_session(space=space))
 
     async def check_session(self, session: MemorySession) -> None:
         await self.service.authenticate(session.session_id, session.session_token)

@@ -226,7 +226,9 @@ def create_app(service: MemoryService, settings: Settings) -> FastAPI:
             if not hmac.compare_digest(given.encode(), server_token.get_secret_value().encode()):
                 raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong server token")
         body = await parse_body(request, NewSession, required=False)
-        return await service.create_session(space=body.space if body is not None else None)
+        if body is None or body.space is None:
+            return await service.create_session()
+        return await service.create_session(space=body.space)
 
     @app.post(
         "/sessions/{session_id}/tools/{tool_name}",
