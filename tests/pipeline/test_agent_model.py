@@ -8,6 +8,7 @@ tool, so the tool-call checks run the served agent with the scripted policy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -160,3 +161,40 @@ def test_mlflow_models_serve_answers_a_chat_request_with_a_memory_tool_call(regi
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_readme_serving_block_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's "Find the model" bash block, pasted into bash in a checkout whose runs/ holds a
+    registered version (only the port and ``$PWD/.venv/bin`` are substituted)."""
+    import re
+    import signal
+
+    from agemem import tracking
+    from agemem.tracking.runs import configure, stage_run
+    from agemem.train.models import materialise_tiny_model
+
+    settings = load_settings("smoke", {"runs_dir": str(tmp_path / "runs"),
+                                       "train": {"tiny_hidden_size": 32, "tiny_num_layers": 1}})
+    model_dir = materialise_tiny_model(settings, tmp_path / "model")
+    configure(settings)
+    with stage_run(settings, None, "register") as run_id:
+        tracking.register_model(settings, adapter_dir=None, model_dir=model_dir, metrics={}, run_id=run_id)
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Find the model (MLflow)"):]
+    block = re.findall(r"```bash\n(.*?)```", section, re.S)[1]
+    port = str(free_port())
+    block = block.replace("5001", port).replace("$PWD/.venv/bin", str(Path(sys.executable).parent))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGEMEM_", "MLFLOW_"))}
+    env.update({"PYTHONPATH": str(ROOT), "MLFLOW_ENABLE_TELEMETRY": "false", "HF_HUB_OFFLINE": "1"})
+    log = tmp_path / "block.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["bash", "-e", "-c", block + "\necho\n"], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)  # the backgrounded server and its uvicorn
+    answer = json.loads(next(line for line in log.read_text().splitlines() if line.startswith('{"object"')))
+    assert answer["custom_outputs"]["space"] == "alice" and _items(answer, "message")
