@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,19 +76,22 @@ def test_killed_during_training_resumes_from_checkpoint_with_cached_data(tmp_pat
     assert ckpts and ckpts[-1] < "step_000003", ckpts
     first_state_mtime = first_ckpt.stat().st_mtime_ns
 
-    rerun = subprocess.run(_command(runs_dir), cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
-                           timeout=600)
+    rerun = subprocess.run(_command(runs_dir) + ["--json"], cwd=ROOT, env=_env(tmp_path), capture_output=True,
+                           text=True, timeout=600)
     out = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, out[-6000:]
     assert "scripts.jsonl (cached: not redone)" in out and "episodes.jsonl (cached: not redone)" in out
     assert "resuming from" in out and ("(step 1)" in out or "(step 2)" in out)
     assert "step 1/3" not in out  # step 1 was not trained again
-    summary = json.loads(out[out.index('{\n  "metrics"'): out.index("\n}\n") + 2])
-    assert summary["cached"] == {"prepare_data": True, "synthesize_distractors": True, "train": False}
+    # --json: the flow's result, the only line that is a lone "{" and all after it
+    summary = json.loads(rerun.stdout[re.search(r"^\{$", rerun.stdout, re.M).start():])
+    cached = {k: summary["cached"][k] for k in ("prepare_data", "synthesize_distractors", "train")}
+    assert cached == {"prepare_data": True, "synthesize_distractors": True, "train": False}
     assert (first_ckpt.parents[1] / "step_000003" / "trainer_state.pt").is_file()
     assert first_ckpt.stat().st_mtime_ns == first_state_mtime or not first_ckpt.exists()  # pruned or untouched
     # The tiny model has random weights: registered, labelled, and not crowned (the gate's default).
-    assert "Registered model: agemem-policy v1 [RANDOM WEIGHTS] aliases candidate " in out
+    assert str(summary["model"]["version"]) == "1" and summary["model"]["aliases"] == ["candidate"]
+    assert summary["model"]["random_weights"]
     history = [json.loads(line)["step"] for line in
                (first_ckpt.parents[1] / "metrics.jsonl").read_text().splitlines()]
     assert history == [1, 2, 3]
