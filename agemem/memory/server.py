@@ -144,6 +144,9 @@ class NewSession(BaseModel):
                                                 "never expired); 1-58 letters, digits, '_' or '-'.")
 
 
+# Long on purpose (~160 lines): FastAPI routes are closures over this app's service and limits, and
+# the whole HTTP contract (routes, status codes, auth) reads in one place; each handler is a few
+# lines into MemoryService.
 def create_app(service: MemoryService, settings: Settings) -> FastAPI:
     """The tool server's ASGI app over ``service``.
 

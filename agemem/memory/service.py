@@ -155,6 +155,10 @@ class _Session:
     memories: int | None = None  # rows held; counted on first need
 
 
+# Long on purpose (~460 lines): sessions (tokens, tombstones, idle expiry, caps) and the tool calls that
+# run under them share one in-memory session table and its per-session and per-memory locks; the
+# guarantees of issue 16 (a deleted session is dead at once, every acknowledged Update/Delete holds)
+# are invariants of that table, kept by one class rather than spread over several.
 class MemoryService:
     """Sessions and the four memory tools over a :class:`MilvusMemoryStore` and an :class:`Embedder`."""
 

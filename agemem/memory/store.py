@@ -237,6 +237,10 @@ class _FlushExclusiveClient:
         return shared
 
 
+# Long on purpose (~480 lines): the one adapter to pymilvus. Every method goes through the same
+# per-collection write serialisation, flush gate (group commit) and session-partition scheme, and
+# milvus-lite's quirks (no partition pruning by key, torn WAL under concurrent inserts) are handled
+# here once; split up, each part would need the others' locks.
 class MilvusMemoryStore:
     """Memories (one collection) and sessions (a small second collection).
 
