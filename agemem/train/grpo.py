@@ -78,9 +78,12 @@ def segment_item(
 
 
 def token_log_probs(model: Any, item: SegmentBatchItem, *, device: str,
-                    with_entropy: bool = False) -> Any:
+                    with_entropy: bool = False, temperature: float = 1.0) -> Any:
     """Log-probs of the model tokens of one segment (only those logits are materialised).
 
+    ``temperature``: the rollouts' sampling temperature. Like verl's actor, the logits are divided
+    by it, so GRPO optimises the distribution the trajectories were sampled from (at 1.0 it would
+    push on another policy than the one that acted: off-policy at every step). 0 (greedy) counts as 1.
     ``with_entropy``: also the policy's entropy at those positions (detached), as
     ``(log_probs, entropy)``: the collapse signal verl logs as ``actor/entropy``.
     """
@@ -91,6 +94,8 @@ def token_log_probs(model: Any, item: SegmentBatchItem, *, device: str,
     positions = torch.tensor(item.target_positions, dtype=torch.long, device=device)
     # logits_to_keep with an index tensor computes the LM head only at those positions (vocab is 152k).
     logits = model(input_ids=input_ids, logits_to_keep=positions).logits[0].float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
     targets = input_ids[0, positions + 1]
     log_softmax = torch.log_softmax(logits, dim=-1)
     log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

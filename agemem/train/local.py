@@ -240,10 +240,11 @@ class LocalTrainer:
 
         if self.settings.train.kl_coef <= 0:
             return
+        temperature = self.settings.episode.temperature
         with torch.no_grad(), self._ref_context():
             ref = self.ref_model if self.ref_model is not None else self.model
             for it in items:
-                it.ref_log_probs = grpo.token_log_probs(ref, it, device=self.device)
+                it.ref_log_probs = grpo.token_log_probs(ref, it, device=self.device, temperature=temperature)
 
     def _optimise(self, items: list[Any], total_tokens: int) -> dict[str, float]:
         """``train.ppo_epochs`` optimiser steps over ``items``; a non-finite gradient skips its step."""
@@ -252,6 +253,7 @@ class LocalTrainer:
         from agemem.train import grpo
 
         t = self.settings.train
+        temperature = self.settings.episode.temperature  # the rollouts' (verl's actor does the same)
         config = grpo.policy_loss_config(t.clip_ratio, total_tokens=total_tokens, total_rows=len(items))
         sums: dict[str, float] = {}
         metrics: dict[str, float] = {}
@@ -261,12 +263,13 @@ class LocalTrainer:
             loss_total = 0.0
             for it in items:
                 if epoch == 0:
-                    log_probs, entropy = grpo.token_log_probs(self.model, it, device=self.device, with_entropy=True)
+                    log_probs, entropy = grpo.token_log_probs(self.model, it, device=self.device, with_entropy=True,
+                                                              temperature=temperature)
                     # One optimiser step per epoch: before it, the current policy IS the old policy.
                     it.old_log_probs = log_probs.detach()
                     entropy_sum += float(entropy.sum())
                 else:
-                    log_probs = grpo.token_log_probs(self.model, it, device=self.device)
+                    log_probs = grpo.token_log_probs(self.model, it, device=self.device, temperature=temperature)
                 loss, m = grpo.segment_loss(log_probs, it, config=config, kl_coef=t.kl_coef, kl_loss_type=t.kl_loss_type)
                 loss.backward()
                 loss_total += float(loss.detach())

@@ -90,3 +90,22 @@ def test_the_check_fails_with_a_flipped_response_mask(learning_settings: Setting
 
     monkeypatch.setattr(grpo, "segment_item", flipped)
     assert preference_gain(learning_settings, train_scripts) < 1.0
+
+
+def test_the_update_scores_tokens_under_the_sampling_temperature(learning_settings: Settings,
+                                                                 train_scripts: list[Any]) -> None:
+    """GRPO's log-probs are those of the distribution the rollouts were sampled from (logits / T, as
+    verl's actor computes them); at T = 1 it would optimise another policy than the one that acted."""
+    episode = learning_settings.episode.model_copy(update={"temperature": 0.5})
+    settings = learning_settings.model_copy(update={"episode": episode})
+    trainer = LocalTrainer(settings, train_scripts)
+    seg = _rollouts(trainer, train_scripts[0])[0].result.segments[0]
+    item = grpo.segment_item(seg.prompt_ids, seg.response_ids, seg.response_mask, advantage=0.0,
+                             trajectory="x", group="g")
+    ids = torch.tensor([item.input_ids])
+    positions = torch.tensor(item.target_positions)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=ids).logits[0, positions].float()
+        expected = torch.log_softmax(logits / 0.5, dim=-1).gather(-1, ids[0, positions + 1].unsqueeze(-1)).squeeze(-1)
+    trainer._optimise([item], item.num_tokens)  # records the pre-update (old) log-probs on the item
+    assert torch.allclose(item.old_log_probs, expected, atol=1e-5)
