@@ -23,10 +23,19 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def _stable_u64(text: str) -> int:
+    """The first 8 bytes of ``text``'s sha256: the same in every process (Python's ``hash`` of a str is not)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) from ``key``, the same in every process."""
+    return _stable_u64(key) / 2**64
+
+
 def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from ``parts``, the same in every process (Python's ``hash`` of a str is not)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    """A 63-bit seed from ``parts``, the same in every process."""
+    return _stable_u64(":".join(map(str, parts))) >> 1
 
 
-__all__ = ["file_sha256", "stable_seed", "update_with_file"]
+__all__ = ["file_sha256", "stable_fraction", "stable_seed", "update_with_file"]

@@ -15,6 +15,7 @@ import random
 from typing import TYPE_CHECKING
 
 from agemem.data.records import EpisodeScript, HotpotRecord
+from agemem.digests import stable_fraction
 
 if TYPE_CHECKING:
     from agemem.settings import Settings
@@ -30,11 +31,6 @@ CONTINUATIONS = (
     "Oh, and some more notes I had:",
     "Continuing from before, a bit more:",
 )
-
-
-def stable_fraction(key: str) -> float:
-    """A number in [0, 1) from ``key``, the same in every process (unlike ``hash()``)."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
 def split_for(record_id: str, eval_fraction: float) -> str:

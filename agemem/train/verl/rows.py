@@ -58,18 +58,23 @@ def write_verl_parquet(
 
     Raises ``ValueError`` when there are no episodes or an episode lacks stage-1 turns.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = [episode_row(ep, i, agent_name=agent_name, system_prompt=system_prompt) for i, ep in enumerate(episodes)]
     if not rows:
         raise ValueError(f"no episodes to write to {path}")
+    return write_rows(rows, path, what="verl rows")
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path, *, what: str) -> Path:
+    """``rows`` as a parquet file at ``path``, written atomically (a reader never sees half a file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     tmp.replace(path)
-    logger.info("wrote %d verl rows to %s", len(rows), path)
+    logger.info("wrote %d %s to %s", len(rows), what, path)
     return path
 
 

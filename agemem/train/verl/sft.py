@@ -20,6 +20,7 @@ from agemem.settings import offline_env
 from agemem.train.verl.config import compose
 from agemem.train.verl.launch import resolve_model, stream
 from agemem.train.verl.merge import latest_verl_step_dir, merge_checkpoint
+from agemem.train.verl.rows import write_rows
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +38,10 @@ def sft_rows(trajectories: Sequence[Any]) -> list[dict[str, Any]]:
 
 def write_sft_parquet(trajectories: Sequence[Any], path: Path) -> Path:
     """The rows of :func:`sft_rows` as a parquet file verl's multi-turn SFT dataset reads (atomically)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = sft_rows(trajectories)
     if not rows:
         raise ValueError("no teacher segment with an assistant turn to export")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(path)
-    logger.info("wrote %d verl SFT rows to %s", len(rows), path)
-    return path
+    return write_rows(rows, path, what="verl SFT rows")
 
 
 def sft_overrides(settings: Any, train_file: Path, model_path: str, output_dir: Path) -> list[str]:
