@@ -6,6 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from agemem.agent.tools import TOOL_NAMES
+
+# The counter key of every call whose name is none of the six tools.
+UNKNOWN_TOOL = "unknown"
+
 
 class ToolEvent(BaseModel):
     """One tool call as executed, kept even when a later rewrite removes it from the context."""
@@ -94,6 +99,10 @@ class EpisodeStats(BaseModel):
     judge_s: float = 0.0
 
     def count_tool(self, name: str, outcome: str) -> None:
+        """Count one call. A name the model made up is counted under ``unknown``: counters become
+        metric names downstream (MLflow refuses most characters a model writes); the event log
+        keeps the name as written."""
+        name = name if name in TOOL_NAMES else UNKNOWN_TOOL
         per = self.tool_calls.setdefault(name, {})
         per[outcome] = per.get(outcome, 0) + 1
         self.tool_call_count += 1

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _MAX_PARAM_LEN = 6000  # MLflow's param value limit (8000 on recent stores); long lists are cut
+# MLflow's rule for metric names (``validate_param_and_metric_name``, POSIX) and its key length cap.
+_REFUSED_IN_KEYS = re.compile(r"[^/\w.\- :]")
+_MAX_KEY_LEN = 250
 
 
 # ------------------------------------------------------------------------------------- setup
@@ -86,7 +90,13 @@ def settings_params(settings: "Settings") -> dict[str, str]:
     return flatten(settings.public_dict())
 
 
+def metric_key(key: str) -> str:
+    """``key`` as a name MLflow accepts: its refused characters become ``_``, cut to its length cap."""
+    return _REFUSED_IN_KEYS.sub("_", str(key).replace("@", "_at_"))[:_MAX_KEY_LEN]
+
+
 def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of ``metrics`` under keys MLflow accepts (non-numbers and NaN/inf skipped)."""
     out = {}
     for key, value in metrics.items():
         try:
@@ -94,7 +104,7 @@ def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         except (TypeError, ValueError):
             continue
         if math.isfinite(number):
-            out[key.replace("@", "_at_")] = number
+            out[metric_key(key)] = number
     return out
 
 

@@ -18,8 +18,13 @@ def test_pipeline_and_stage_runs_carry_params_and_mask_secrets(runs_dir: Path) -
         tracking.log_metrics(settings, child, {"judge_score": 0.5, "bad": float("nan"), "name": "x"})
     with pytest.raises(RuntimeError), tracking.stage_run(settings, parent, "train"):
         raise RuntimeError("boom")
+    # keys built from what a model wrote (a made-up tool name) are logged under names MLflow accepts
+    made_up = "compare.warm_start.tools.201 film): Madonna is a"
+    tracking.log_metrics(settings, parent, {made_up: 1.0, "k" * 300: 2.0})
     tracking.end_run(settings, parent)
     client = MlflowClient(settings.tracking_uri)
+    assert client.get_run(parent).data.metrics == {"compare.warm_start.tools.201 film_: Madonna is a": 1.0,
+                                                   "k" * 250: 2.0}
     params = client.get_run(parent).data.params
     assert params["train.lr"] == str(settings.train.lr)
     assert params["llm.api_key"] != "sk-very-secret" and "secret" not in str(params)
