@@ -18,6 +18,7 @@ import numpy as np
 
 from agemem.agent import tools as T
 from agemem.agent.context import extractive_summary
+from agemem.agent.memory_ids import ids_in
 from agemem.agent.parsing import ParsedResponse
 from agemem.agent.prompts import SUMMARY_PROMPT
 from agemem.agent.state import EpisodeState
@@ -109,32 +110,43 @@ class ToolExecutor:
         if not batch:
             return
         args = [T.memory_call_arguments(v, self.state.stage) for v in batch]
-        done = await asyncio.gather(*(self.memory_call(v.name, a) for v, a in zip(batch, args)))
-        for v, a, outcome in zip(batch, args, done):
-            self._memory_outcome(v, a, outcome)
+        sent = [self._to_store(a) for a in args]
+        done = await asyncio.gather(*(self.memory_call(v.name, a) for v, a in zip(batch, sent)))
+        for v, a, store_args, outcome in zip(batch, args, sent, done):
+            self._memory_outcome(v, a, store_args, outcome)
 
-    def _memory_outcome(self, v: T.Validated, args: dict[str, Any], outcome: Outcome) -> None:
+    def _to_store(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.state.memory_ids.call_arguments(args) if self.cfg.alias_memory_ids else args
+
+    def _shown(self, text: str, store_ids: list[str]) -> str:
+        """What the model reads: store ids as the episode's aliases (``episode.alias_memory_ids``)."""
+        return self.state.memory_ids.shown(text, store_ids) if self.cfg.alias_memory_ids else text
+
+    def _memory_outcome(self, v: T.Validated, args: dict[str, Any], store_args: dict[str, Any],
+                        outcome: Outcome) -> None:
         kind, result, failure = outcome
         s = self.state
-        if result is None:
-            text = f"[tool error] {v.name}: {failure}"
-        elif not result.ok:
-            text = f"[tool error] {v.name}: {result.text}"
+        named = [store_args["memory_id"]] if isinstance(store_args.get("memory_id"), str) else []
+        reply = self._shown(result.text if result is not None else str(failure),
+                            named + ids_in(result.data if result is not None else None))
+        if result is None or not result.ok:
+            text = f"[tool error] {v.name}: {reply}"
         elif v.name == T.RETRIEVE:
-            text = result.text  # already "[retrieved memories]\n- ..." (the reference format)
+            text = reply  # already "[retrieved memories]\n- ..." (the reference format)
         else:
-            text = f"[memory tool result] {v.name}: {result.text}"
+            text = f"[memory tool result] {v.name}: {reply}"
         if kind == "ok" and v.name in _OK_COUNTERS:
             counter = _OK_COUNTERS[v.name]
             setattr(s.stats, counter, getattr(s.stats, counter) + 1)
-        s.record_event(v.name, kind, args, result.text if result else text, result.data if result else None)
+        # The event keeps what the model wrote and read; its data keeps the store's ids.
+        s.record_event(v.name, kind, args, reply if result is not None else text, result.data if result else None)
         s.tool_message(text)
 
     async def auto_retrieve(self, query: str) -> None:
         """Ablation without context tools: retrieve for every injected user message (reference s. 8)."""
         args = {"query": query[:2000], "top_k": self.cfg.manual_retrieve_top_k}
         kind, result, failure = await self.memory_call(T.RETRIEVE, args)
-        text = result.text if result is not None else str(failure)
+        text = self._shown(result.text, ids_in(result.data)) if result is not None else str(failure)
         self.state.record_event(T.RETRIEVE, kind, args, text, {"auto": True, **(result.data if result else {})},
                                 count=False)
         if kind == "ok":

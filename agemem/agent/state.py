@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from agemem.agent.context import ContextWindow
+from agemem.agent.memory_ids import MemoryIdAliases
 from agemem.agent.segments import SegmentRecorder
 from agemem.agent.stats import EpisodeStats, ToolEvent
 from agemem.memory.base import MemorySession
@@ -30,6 +31,7 @@ class EpisodeState:
     round_id: int = -1  # rounds of the whole episode (messages remember the round that wrote them)
     stage_round: int = 0  # round within the current stage message
     last_answer: str | None = None  # the latest <answer>, whatever the stage (a conversation's reply)
+    memory_ids: MemoryIdAliases = field(default_factory=MemoryIdAliases)
     #: Called with each tool event as it is recorded (``agemem chat --show-tools``).
     on_event: Callable[[ToolEvent], None] | None = None
 
