@@ -26,7 +26,7 @@ from agemem.settings import Settings
 HELP = """commands:
   /memories [N]   the space's newest N memories (default 20)
   /search QUERY   search the space's long-term memory
-  /forget ID      delete one memory by its id
+  /forget ID      delete one memory by its id (as /memories or the agent's tool calls show it)
   /budget         the context budget: tokens used, messages, rewrites
   /help           this list
   /quit           leave (also Ctrl-D)"""
@@ -145,7 +145,9 @@ async def _command(agent: MemoryAgent, convo: Conversation, line: str, as_json: 
         if not arg:
             _emit(as_json, {"command": name, "error": "needs an argument"}, f"{name} needs an argument (/help)")
             return True
-        tool, args = (T.RETRIEVE, {"query": arg, "top_k": 5}) if name == "/search" else (T.DELETE, {"memory_id": arg})
+        # /forget takes a store id (/memories) or an id the model was shown (M1, ... in --show-tools)
+        tool, args = ((T.RETRIEVE, {"query": arg, "top_k": 5}) if name == "/search"
+                      else (T.DELETE, convo.state.memory_ids.call_arguments({"memory_id": arg})))
         result = await agent.memory.call_tool(session, tool, args)
         _emit(as_json, {"command": name, "ok": result.ok, "text": result.text, "data": result.data}, result.text)
     elif name == "/help":

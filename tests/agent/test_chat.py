@@ -69,6 +69,13 @@ def test_slash_commands_list_search_and_delete_memories(tmp_path: Path) -> None:
     assert "1 memories" in text and "the train leaves at nine" in text
 
 
+def test_forget_takes_the_id_the_agent_was_shown(tmp_path: Path) -> None:
+    out = _jsonl(_chat(tmp_path / "runs", "--json", input="Remember that my cat is called Tomasz\n/forget M1\n/memories\n"))
+    turn, forgot, listed = out
+    assert turn["tool_calls"][0]["result"].endswith("(Memory ID: M1)")
+    assert forgot["ok"] and listed["total"] == 0
+
+
 def test_spaces_persist_on_a_tool_server_and_are_never_swept(tmp_path: Path) -> None:
     """Over real HTTP: the space outlives its client; the idle sweeper keeps it; its token is needed."""
     settings = load_settings("smoke", {"runs_dir": str(tmp_path / "server"),
