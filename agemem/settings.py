@@ -267,8 +267,8 @@ class EpisodeSettings(_Section):
     summary_max_tokens: int = Field(256, ge=16, description="Cap on one Summary_context LLM summary.")
     max_tool_result_chars: int = Field(2000, ge=64, description="Tool results longer than this are cut.")
     alias_memory_ids: bool = Field(
-        True, description="Show the model short memory ids (M1, M2, ... per episode) instead of the store's random "
-        "ids, translated back on Update/Delete: rollouts repeat from their seed and ids are easy to copy.",
+        False, description="Show the model short memory ids (M1, M2, ... per episode) instead of the store's random "
+        "ids, translated back on Update/Delete: seeded rollouts then repeat exactly, and ids are easy to copy.",
     )
     # -- reward -----------------------------------------------------------------------------------
     reward_preset: Literal["paper", "official-code"] = Field(
@@ -508,7 +508,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "max_prompt_length": 4096,
             "n_gpus_per_node": 0,
         },
-        # 32 epochs: at 16 the tiny model's loss is still ~0.26 and it writes 3-4 malformed tool calls per
+        # 32 epochs: at 16 the tiny model's loss is still ~0.26 and it writes ~3 malformed tool calls per
         # question; at 32 (~0.05) about one (measured on the train split; ~100 s more).
         "warm_start": {"enabled": True, "style": "compact", "epochs": 32, "lr": 3e-3, "batch_segments": 1},
         "eval": {"limit": 4, "concurrency": 2, "compare_checkpoints": True},

@@ -36,10 +36,14 @@ async def _run(settings, memory, tokenizer, script, embed):
     return await engine.run_tokens(script, ScriptedTokenPolicy(tokenizer, script, _replies(script)))
 
 
+def _aliased(settings, **episode):
+    return settings.model_copy(update={"episode": settings.episode.model_copy(
+        update={"alias_memory_ids": True, **episode})})
+
+
 async def test_the_model_reads_and_writes_aliases_and_the_store_its_ids(agent_settings, agent_memory, chat_tokenizer,
                                                                         episode_script, embed) -> None:
-    episode = agent_settings.episode.model_copy(update={"stage1_max_rounds": 7})
-    settings = agent_settings.model_copy(update={"episode": episode})
+    settings = _aliased(agent_settings, stage1_max_rounds=7)
     result = await _run(settings, agent_memory, chat_tokenizer, episode_script, embed)
     tools = [t["content"] for t in result.transcript if t["role"] == "tool" and t["stage"] == 1]
     assert tools[0].endswith("memory added (Memory ID: M1)") and tools[1].endswith("memory added (Memory ID: M2)")
@@ -53,9 +57,8 @@ async def test_the_model_reads_and_writes_aliases_and_the_store_its_ids(agent_se
 
 async def test_without_aliases_the_model_reads_the_store_ids(agent_settings, agent_memory, chat_tokenizer,
                                                              episode_script, embed) -> None:
-    episode = agent_settings.episode.model_copy(update={"alias_memory_ids": False})
-    settings = agent_settings.model_copy(update={"episode": episode})
-    result = await _run(settings, agent_memory, chat_tokenizer, episode_script, embed)
+    assert not agent_settings.episode.alias_memory_ids  # the default, until the learning runs are re-measured
+    result = await _run(agent_settings, agent_memory, chat_tokenizer, episode_script, embed)
     tools = [t["content"] for t in result.transcript if t["role"] == "tool" and t["stage"] == 1]
     assert STORE_ID.search(tools[0]) and "M1" not in tools[0]
     assert "no memory with id" in tools[2]  # "M1" means nothing to the store
@@ -76,7 +79,8 @@ async def test_two_runs_of_an_episode_show_the_model_the_same_text(agent_setting
                                                                     episode_script, embed) -> None:
     # Each run opens its own session (a new random store id for every memory); the prompts the policy
     # sees, and so a seeded rollout, must not depend on them.
-    engine = EpisodeEngine.from_settings(agent_settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
+    engine = EpisodeEngine.from_settings(_aliased(agent_settings), tokenizer=chat_tokenizer, memory=agent_memory,
+                                         encode=embed)
     runs = [await engine.run_tokens(episode_script, ScriptedTokenPolicy(chat_tokenizer, episode_script))
             for _ in range(2)]
     assert runs[0].stats.memories_final[0]["memory_id"] != runs[1].stats.memories_final[0]["memory_id"]
