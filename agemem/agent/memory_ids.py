@@ -4,8 +4,8 @@ The store's ids are random (32 hex characters derived from the random session id
 model as they are, they make every turn after the first memory write differ between two runs of
 the same seed, and a small model cannot copy them back into ``Update_memory`` / ``Delete_memory``.
 With ``episode.alias_memory_ids`` the engine shows aliases instead and translates them back before a
-call reaches the store; an id
-the model writes that is no alias (a store id it copied from elsewhere) passes through unchanged.
+call reaches the store; an id the model writes that is no alias (a store id it copied from elsewhere)
+passes through unchanged.
 """
 
 from __future__ import annotations
