@@ -90,11 +90,22 @@ class ScriptStyle:
     fact_chars: int | None = None  # cut each stored fact to this many characters (at a word)
     criteria_words: int | None = None  # Filter_context criteria: the first N words of the previous distractor
     answer_words: int | None = None  # cut the stage-3 answer to N words
+    query_words: int | None = None  # Retrieve_memory query: the question's first N content words
+    memory_type: str | None = "knowledge"  # Add_memory's optional memory_type (None: left out)
     terse: bool = False  # one-word thoughts
 
 
+# A 25-word question copied as the query makes the stage-3 reply ~52 tokens (up to 101, over the smoke
+# turn budget of 64) and is what a small model fails to copy; six content words keep it ~30. The
+# optional memory_type is left out: the tiny warm-started model's commonest error was dropping its key.
 COMPACT = ScriptStyle(facts_per_reply=1, fact_sentences=1, fact_chars=40, criteria_words=4, answer_words=6,
-                      terse=True)
+                      query_words=6, memory_type=None, terse=True)
+
+
+def content_words(text: str, limit: int) -> str:
+    """The first ``limit`` words of ``text`` that are not question or function words."""
+    kept = [w for w in text.split() if normalize_answer(w) and normalize_answer(w) not in _STOP]
+    return " ".join(w.strip("?!.,;:") for w in kept[:limit])
 
 
 def _cut(text: str, chars: int | None = None, words: int | None = None) -> str:
@@ -111,7 +122,8 @@ def default_responses(script: EpisodeScript, style: ScriptStyle = ScriptStyle())
     out: dict[Key, list[Response]] = {}
     for i, text in enumerate(script.stage1_turns):
         facts = [_cut(f, style.fact_chars) for f in fact_lines(text, style.fact_sentences)] or [text[:2000]]
-        calls = [_call("Add_memory", content=f, memory_type="knowledge") for f in facts]
+        typed = {"memory_type": style.memory_type} if style.memory_type else {}
+        calls = [_call("Add_memory", content=f, **typed) for f in facts]
         n = style.facts_per_reply  # a few calls per reply keep it short and under the per-reply call limit
         replies: list[Response] = [
             _tool_reply(think("These facts may matter later; store them in long-term memory.", "Store."),
@@ -132,6 +144,7 @@ def default_responses(script: EpisodeScript, style: ScriptStyle = ScriptStyle())
                 reply,
             ]
     question = script.question
+    query = content_words(question, style.query_words) if style.query_words else question
 
     def answer(prompt_text: str) -> str:
         sentence = _cut(best_retrieved_sentence(prompt_text, question) or "I do not know", words=style.answer_words)
@@ -139,7 +152,7 @@ def default_responses(script: EpisodeScript, style: ScriptStyle = ScriptStyle())
 
     out[(3, 0)] = [
         _tool_reply(think("Look up what I stored about this.", "Recall."),
-                    [_call("Retrieve_memory", query=question, top_k=3)]),
+                    [_call("Retrieve_memory", query=query or question, top_k=3)]),
         answer,
     ]
     return out

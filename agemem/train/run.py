@@ -33,6 +33,13 @@ NOT_SHAPING_TRAINING = frozenset({
     "experiment_name", "ray_address", "backend",
     "collapse_entropy_min", "collapse_grad_norm_max", "collapse_patience", "stop_on_collapse",
 })
+#: Train settings only GRPO reads: the warm start (SFT) before it is the same without them, so a
+#: GRPO sweep (learning rate, KL, group size) reuses one warm start instead of retraining it.
+GRPO_ONLY_TRAINING = frozenset({
+    "rollouts_per_prompt", "tasks_per_batch", "lr", "kl_coef", "kl_loss_type", "clip_ratio", "ppo_epochs",
+    "rollout_engine", "rollout_tp", "gpu_memory_utilization", "agent_workers", "token_server_cache_tokens",
+    "token_server_max_batch",
+})
 #: Other sections' fields that shape rollouts and rewards during training.
 SHAPING_FIELDS: dict[str, tuple[str, ...]] = {
     "llm": ("backend", "model", "base_url", "temperature", "max_tokens", "seed"),
@@ -112,9 +119,11 @@ def inputs_hash(settings: "Settings") -> str:
 
 
 def warm_start_hash(settings: "Settings") -> str:
-    """16 hex digits naming a warm-start configuration (the policy's base configuration plus the warm_start section)."""
-    text = json.dumps({"config": config_hash(settings), "warm_start": settings.model_dump(mode="json")["warm_start"]},
-                      sort_keys=True)
+    """16 hex digits naming a warm-start configuration: what shapes the policy before GRPO plus the warm_start section."""
+    shaping = _shaping(settings)
+    shaping["train"] = {k: v for k, v in shaping["train"].items() if k not in GRPO_ONLY_TRAINING}
+    text = json.dumps({"config": shaping, "warm_start": settings.model_dump(mode="json")["warm_start"]},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -47,6 +47,11 @@ class TeacherTrajectory:
     def value(self, metric: str) -> float:
         return float(self.scores["score"] if metric == "reward" else self.scores.get(metric, 0.0))
 
+    @property
+    def malformed(self) -> bool:
+        """A teacher reply the engine could not parse, e.g. one cut by ``episode.max_turn_tokens``."""
+        return self.result.stats.format_error_count > 0
+
 
 @dataclass
 class WarmStartReport:
@@ -56,6 +61,7 @@ class WarmStartReport:
     episodes: int
     trajectories: int
     kept: int
+    malformed: int
     keep_metric: str
     min_score: float
     mean_score_all: float
@@ -104,9 +110,13 @@ async def collect(settings: Settings, episodes: list[EpisodeScript], tokenizer: 
 
 
 def select(trajectories: list[TeacherTrajectory], settings: Settings) -> list[TeacherTrajectory]:
-    """Rejection sampling: the trajectories whose keep_metric reaches min_score."""
+    """Rejection sampling: the well-formed trajectories whose keep_metric reaches min_score.
+
+    A malformed teacher reply would be trained on as it stands (a tool call cut mid-JSON by the turn
+    budget teaches exactly the format error the warm start is there to remove), whatever its reward.
+    """
     cfg = settings.warm_start
-    return [t for t in trajectories if t.value(cfg.keep_metric) >= cfg.min_score]
+    return [t for t in trajectories if not t.malformed and t.value(cfg.keep_metric) >= cfg.min_score]
 
 
 def _items(kept: list[TeacherTrajectory]) -> list[Any]:
@@ -164,7 +174,7 @@ def _save(root: Path, policy: Any, settings: Settings, report: WarmStartReport) 
     policy.tokenizer.save_pretrained(tmp)
     lines = ["# agemem warm-start model", "", *model_card_lines(settings.train.model),
              f"- teacher: {report.teacher}; kept {report.kept} of {report.trajectories} trajectories "
-             f"({report.keep_metric} >= {report.min_score})", "", "```json",
+             f"({report.keep_metric} >= {report.min_score}; {report.malformed} dropped as malformed)", "", "```json",
              json.dumps(asdict(report), indent=2), "```", ""]
     (tmp / "README.md").write_text("\n".join(lines))
     if model_dir.exists():
@@ -216,8 +226,13 @@ def warm_start(settings: Settings, episodes_path: Path) -> TrainResult:
     kept = select(trajectories, settings)
     cfg = settings.warm_start
     metric = [t.value(cfg.keep_metric) for t in trajectories]
-    logger.info("warm start: kept %d of %d teacher trajectories (%s >= %s)", len(kept), len(trajectories),
-                cfg.keep_metric, cfg.min_score)
+    malformed = sum(t.malformed for t in trajectories)
+    logger.info("warm start: kept %d of %d teacher trajectories (%s >= %s; %d dropped as malformed)", len(kept),
+                len(trajectories), cfg.keep_metric, cfg.min_score, malformed)
+    if trajectories and malformed == len(trajectories):
+        raise RuntimeError(f"warm start kept no teacher trajectory: every one has a malformed reply (cut by "
+                           f"episode.max_turn_tokens={settings.episode.max_turn_tokens}?); raise it or use "
+                           "warm_start.style=compact")
     if not kept:
         raise RuntimeError(f"warm start kept no teacher trajectory: none reached {cfg.keep_metric} >= "
                            f"{cfg.min_score} (best {max(metric, default=float('nan')):.3f}); lower "
@@ -226,7 +241,7 @@ def warm_start(settings: Settings, episodes_path: Path) -> TrainResult:
     history = [] if policy is None else fit(policy.model, items, settings, device)
     report = WarmStartReport(
         teacher=cfg.teacher if cfg.teacher == "llm" else f"scripted ({cfg.style})", episodes=len(episodes),
-        trajectories=len(trajectories), kept=len(kept), keep_metric=cfg.keep_metric, min_score=cfg.min_score,
+        trajectories=len(trajectories), kept=len(kept), malformed=malformed, keep_metric=cfg.keep_metric, min_score=cfg.min_score,
         mean_score_all=statistics.fmean(metric), mean_score_kept=statistics.fmean(t.value(cfg.keep_metric) for t in kept),
         model_tokens=sum(it.num_tokens for it in items), epochs=history, seconds=time.perf_counter() - started,
     )

@@ -70,7 +70,7 @@ def test_slash_commands_list_search_and_delete_memories(tmp_path: Path) -> None:
 
 
 def test_forget_takes_the_id_the_agent_was_shown(tmp_path: Path) -> None:
-    out = _jsonl(_chat(tmp_path / "runs", "--json", "--set", "episode.alias_memory_ids=true",
+    out = _jsonl(_chat(tmp_path / "runs", "--json",
                        input="Remember that my cat is called Tomasz\n/forget M1\n/memories\n"))
     turn, forgot, listed = out
     assert turn["tool_calls"][0]["result"].endswith("(Memory ID: M1)")

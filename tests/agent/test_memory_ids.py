@@ -43,6 +43,7 @@ def _aliased(settings, **episode):
 
 async def test_the_model_reads_and_writes_aliases_and_the_store_its_ids(agent_settings, agent_memory, chat_tokenizer,
                                                                         episode_script, embed) -> None:
+    assert agent_settings.episode.alias_memory_ids  # the default
     settings = _aliased(agent_settings, stage1_max_rounds=7)
     result = await _run(settings, agent_memory, chat_tokenizer, episode_script, embed)
     tools = [t["content"] for t in result.transcript if t["role"] == "tool" and t["stage"] == 1]
@@ -57,8 +58,9 @@ async def test_the_model_reads_and_writes_aliases_and_the_store_its_ids(agent_se
 
 async def test_without_aliases_the_model_reads_the_store_ids(agent_settings, agent_memory, chat_tokenizer,
                                                              episode_script, embed) -> None:
-    assert not agent_settings.episode.alias_memory_ids  # the default, until the learning runs are re-measured
-    result = await _run(agent_settings, agent_memory, chat_tokenizer, episode_script, embed)
+    plain = agent_settings.model_copy(update={"episode": agent_settings.episode.model_copy(
+        update={"alias_memory_ids": False})})
+    result = await _run(plain, agent_memory, chat_tokenizer, episode_script, embed)
     tools = [t["content"] for t in result.transcript if t["role"] == "tool" and t["stage"] == 1]
     assert STORE_ID.search(tools[0]) and "M1" not in tools[0]
     assert "no memory with id" in tools[2]  # "M1" means nothing to the store

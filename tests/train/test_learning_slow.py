@@ -1,12 +1,15 @@
 """GRPO after the teacher warm start raises the training reward (slow: a real warm start and GRPO run).
 
 A fixed seed, the tiny model warm-started on the compact scripted teacher, then local GRPO on short
-episodes (stage 1: one round, no distractors, stage 3: two rounds, temperature 1.0). Rollouts are
-seeded per trajectory, so the run is the same every time and the real and flipped runs share their
-first step (memory-id aliases keep random store ids out of the prompts). The reward of the last two
-of 8 steps must exceed that of the first two by a margin (measured: +0.28 and +0.61 in two runs, so
-something still varies between runs, likely the batch composition of decoding; the margin is 0.2). The same run with the advantage sign flipped must not (measured: -1.03, the reward falls to
--1.75): the test tells a learning trainer from a broken one.
+episodes (stage 1: one round, no distractors, stage 3: two rounds, temperature 1.0). The warm start
+is deliberately short (3 epochs): it teaches the format half-way, so about half the first rollouts
+end unanswered and GRPO has room to raise the reward (after 8 epochs the rollouts start near this
+model's ceiling, and 8 steps at lr 2e-4 measured -0.33: nothing left to learn, which says nothing
+about the trainer). Rollouts are seeded per trajectory and memory-id
+aliases keep random store ids out of the prompts, so the real and flipped runs share their first
+step. The reward of the last two of 8 steps must exceed that of the first two by a margin of 0.3
+(measured +0.79: -1.07 -> +0.34). The same run with the advantage sign flipped must not (measured
+-0.34: the reward falls to -1.75 and stays there): the test tells a learning trainer from a broken one.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from agemem.train.sft import after_warm_start, warm_start
 pytestmark = pytest.mark.slow
 
 STEPS = 8
-MARGIN = 0.2
+MARGIN = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +39,13 @@ def learning_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Pa
     settings = load_settings("smoke", {
         "runs_dir": str(runs),
         "data": {"limit": 16, "distractor_messages": 0},
-        # Aliases: without them the store's random memory ids reach the prompts and the run is not the
-        # same twice (measured gains +0.52, +0.19 and more on one seed).
+        # Aliases (the default, pinned here): without them the store's random memory ids reach the
+        # prompts and the run is not the same twice (measured gains +0.52, +0.19 and more on one seed).
         "episode": {"enable_stage2": False, "stage1_max_rounds": 1, "stage3_max_rounds": 2, "temperature": 1.0,
                     "alias_memory_ids": True},
         "train": {"lora_rank": 0, "lr": 2e-3, "kl_coef": 0.0, "tasks_per_batch": 2, "rollouts_per_prompt": 6,
                   "total_steps": STEPS, "device": "cpu", "seed": 7},
-        "warm_start": {"epochs": 8, "lr": 3e-3, "batch_segments": 1, "min_score": -10.0},
+        "warm_start": {"epochs": 3, "lr": 3e-3, "batch_segments": 1, "min_score": -10.0},
     })
     episodes = runs / "episodes.jsonl"
     write_episodes([e for e in sample_episodes(settings) if e.split == "train"], episodes)

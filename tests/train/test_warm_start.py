@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
-from agemem.agent.episode import EpisodeEngine
+from agemem.agent.episode import EpisodeEngine, EpisodeResult
 from agemem.agent.scripted import COMPACT, ScriptedChatPolicy, default_responses
-from agemem.settings import Settings
+from agemem.agent.stats import EpisodeStats
+from agemem.settings import Settings, load_settings
+from agemem.train.run import warm_start_dir
 from agemem.train.sft import TeacherTrajectory, after_warm_start, select, warm_start
 
 
@@ -50,11 +52,41 @@ async def test_teacher_replies_become_model_tokens_and_injections_stay_masked(
     assert result.stats.tool_ok_counts.get("Add_memory", 0) >= 1 and result.stats.format_error_count == 0
 
 
-def test_rejection_sampling_keeps_what_reaches_the_threshold(warm_settings: Settings) -> None:
-    def traj(score: float, judge: float) -> TeacherTrajectory:
-        return TeacherTrajectory(None, None, {"score": score, "judge_score": judge})  # type: ignore[arg-type]
+def test_every_compact_teacher_reply_fits_the_smoke_turn_budget(pipeline_episodes: Any, chat_tokenizer: Any) -> None:
+    # A reply cut at max_turn_tokens is malformed (dropped); the stage-3 query is the question's content
+    # words, not the whole question (which made replies of up to 101 tokens and is what a small model
+    # fails to copy).
+    budget = load_settings("smoke").episode.max_turn_tokens
+    for script in pipeline_episodes(2):
+        responses = default_responses(script, COMPACT)
+        replies = [r for rs in responses.values() for r in rs if isinstance(r, str)]
+        longest = max(len(chat_tokenizer.encode(r)) for r in replies)
+        assert longest < budget, (script.episode_id, longest)  # and room for <|im_end|>
+        retrieve = json.loads(responses[(3, 0)][0].split("<tool_call>")[1].split("</tool_call>")[0])
+        assert 0 < len(retrieve["arguments"]["query"].split()) <= 6
 
-    items = [traj(-2.0, 0.0), traj(0.5, 0.9), traj(1.5, 0.2)]
+
+async def test_a_teacher_reply_cut_by_the_turn_budget_makes_its_trajectory_malformed(
+    warm_settings: Settings, train_scripts: list[Any], chat_tokenizer: Any, embed: Any
+) -> None:
+    short = warm_settings.model_copy(update={"episode": warm_settings.episode.model_copy(update={"max_turn_tokens": 24})})
+    engine = EpisodeEngine.from_settings(short, tokenizer=chat_tokenizer, encode=embed)
+    script = train_scripts[0]
+    try:
+        result = await engine.run_teacher(script, ScriptedChatPolicy(script, default_responses(script)))
+    finally:
+        await engine.aclose()
+    trajectory = TeacherTrajectory(script, result, {"score": 10.0})
+    assert trajectory.malformed and select([trajectory], short) == []
+
+
+def test_rejection_sampling_keeps_what_reaches_the_threshold(warm_settings: Settings) -> None:
+    def traj(score: float, judge: float, format_errors: int = 0) -> TeacherTrajectory:
+        result = EpisodeResult("e", [], EpisodeStats(format_error_count=format_errors), [])
+        return TeacherTrajectory(None, result, {"score": score, "judge_score": judge})  # type: ignore[arg-type]
+
+    # The last one reaches every threshold but has a malformed reply: never a demonstration.
+    items = [traj(-2.0, 0.0), traj(0.5, 0.9), traj(1.5, 0.2), traj(3.0, 1.0, format_errors=1)]
     by_reward = warm_settings.model_copy(update={"warm_start": warm_settings.warm_start.model_copy(
         update={"keep_metric": "reward", "min_score": 0.5})})
     by_judge = warm_settings.model_copy(update={"warm_start": warm_settings.warm_start.model_copy(
@@ -78,6 +110,12 @@ def test_warm_start_trains_on_kept_trajectories_and_is_reused(warm_settings: Set
     assert (first.model_dir.parent / "warm_start.json").stat().st_mtime_ns == stamp  # reused, not retrained
     grpo = after_warm_start(warm_settings, first)
     assert grpo.train.model == str(first.model_dir) and not grpo.warm_start.enabled
+    # A GRPO-only change (its learning rate, KL, group size) keeps the warm start; what shapes SFT does not.
+    sweep = warm_settings.model_copy(update={"train": warm_settings.train.model_copy(
+        update={"lr": 7e-4, "kl_coef": 0.5, "rollouts_per_prompt": 8})})
+    assert warm_start_dir(sweep) == first.model_dir.parent
+    reseeded = warm_settings.model_copy(update={"train": warm_settings.train.model_copy(update={"seed": 7})})
+    assert warm_start_dir(reseeded) != first.model_dir.parent
 
 
 def test_a_threshold_nothing_reaches_fails_with_one_clear_line(warm_settings: Settings, episodes_file: Path) -> None:
