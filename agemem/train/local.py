@@ -214,7 +214,8 @@ class LocalTrainer:
         # evaluation) does not pay verl's import.
         from agemem.train import grpo
 
-        advantages = grpo.trajectory_advantages([r.reward for r in rollouts], [r.group for r in rollouts])
+        advantages = grpo.trajectory_advantages([r.reward for r in rollouts], [r.group for r in rollouts],
+                                                norm_by_std=self.settings.train.norm_adv_by_std)
         items = [
             grpo.segment_item(seg.prompt_ids, seg.response_ids, seg.response_mask,
                               advantage=adv, trajectory=r.trajectory_id, group=r.group)

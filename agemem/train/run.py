@@ -36,7 +36,8 @@ NOT_SHAPING_TRAINING = frozenset({
 #: Train settings only GRPO reads: the warm start (SFT) before it is the same without them, so a
 #: GRPO sweep (learning rate, KL, group size) reuses one warm start instead of retraining it.
 GRPO_ONLY_TRAINING = frozenset({
-    "rollouts_per_prompt", "tasks_per_batch", "lr", "kl_coef", "kl_loss_type", "clip_ratio", "ppo_epochs",
+    "rollouts_per_prompt", "tasks_per_batch", "lr", "kl_coef", "kl_loss_type", "clip_ratio", "norm_adv_by_std",
+    "ppo_epochs",
     "rollout_engine", "rollout_tp", "gpu_memory_utilization", "agent_workers", "token_server_cache_tokens",
     "token_server_max_batch",
 })

@@ -24,6 +24,9 @@ def test_advantages_are_normalised_within_each_prompt_group() -> None:
     # Equal rewards give no signal; a lone rollout gets its raw reward (verl's convention).
     assert grpo.trajectory_advantages([0.3, 0.3], ["x", "x"]) == pytest.approx([0.0, 0.0])
     assert grpo.trajectory_advantages([0.3], ["x"]) == pytest.approx([0.3])
+    # Unscaled (Dr. GRPO, train.norm_adv_by_std=false): a noise-level difference stays noise-sized.
+    assert grpo.trajectory_advantages([0.575, 0.573], ["x", "x"], norm_by_std=False) == pytest.approx([0.001, -0.001], abs=1e-6)
+    assert grpo.trajectory_advantages([0.575, 0.573], ["x", "x"]) == pytest.approx([0.707, -0.707], abs=1e-3)
 
 
 def test_segment_item_keeps_only_model_token_positions() -> None:

@@ -29,7 +29,7 @@ def test_paper_profile_composes_with_the_values_we_rely_on(paper_cfg) -> None:
     settings, cfg = paper_cfg
     verl_config.check_composed(cfg)
     arr = cfg.actor_rollout_ref
-    assert cfg.algorithm.adv_estimator == "grpo"
+    assert cfg.algorithm.adv_estimator == "grpo" and cfg.algorithm.norm_adv_by_std_in_grpo is True
     assert arr.rollout.n == 8 and arr.rollout.temperature == pytest.approx(0.6)
     assert arr.model.lora_rank == 32 and arr.model.lora_alpha == 32 and arr.model.target_modules == "all-linear"
     assert arr.rollout.load_format == "safetensors"
@@ -141,6 +141,12 @@ def test_extra_overrides_replace_ours_instead_of_duplicating(runs_dir: Path) -> 
     settings = load_settings("smoke", {"runs_dir": str(runs_dir), "train": {"extra_overrides": ["trainer.save_freq=7"]}})
     overrides = verl_config.build_overrides(settings, plan_paths(settings))
     assert [o for o in overrides if o.startswith("trainer.save_freq=")] == ["trainer.save_freq=7"]
+
+
+def test_unscaled_grpo_advantages_reach_verl(runs_dir: Path) -> None:
+    settings = load_settings("smoke", {"runs_dir": str(runs_dir), "train": {"norm_adv_by_std": False}})
+    cfg = verl_config.compose(verl_config.build_overrides(settings, plan_paths(settings)))
+    assert cfg.algorithm.norm_adv_by_std_in_grpo is False
 
 
 def test_ray_submit_command_carries_runtime_env() -> None:

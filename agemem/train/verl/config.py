@@ -176,7 +176,7 @@ def _trainer_overrides(settings: Settings, ckpt: Path) -> dict[str, Any]:
     return {
         "algorithm.adv_estimator": "grpo",
         "algorithm.use_kl_in_reward": False,
-        "algorithm.norm_adv_by_std_in_grpo": True,
+        "algorithm.norm_adv_by_std_in_grpo": t.norm_adv_by_std,
         "reward.custom_reward_function.path": str(reward_function_path()),
         "reward.custom_reward_function.name": "compute_score",
         # V1 is the trainer that accepts a list of outputs per trajectory (V0 crashes on it).
