@@ -408,6 +408,10 @@ class WarmStartSettings(_Section):
         "reward", description="Rejection sampling keeps trajectories whose reward (or judge score) reaches min_score."
     )
     min_score: float = Field(0.0, description="Threshold of rejection sampling on keep_metric.")
+    drop_malformed: bool = Field(
+        True, description="Rejection sampling also drops trajectories with a malformed teacher reply (e.g. one cut "
+        "by episode.max_turn_tokens), which would teach that very format error; off keeps them.",
+    )
     epochs: int = Field(3, ge=1, description="Passes over the kept trajectories.")
     lr: float = Field(1e-4, gt=0, description="Learning rate of the warm start (AdamW; LoRA per train.lora_rank).")
     batch_segments: int = Field(4, ge=1, description="Segments per optimizer step.")

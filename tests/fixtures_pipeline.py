@@ -83,4 +83,4 @@ def tiny_pipeline_overrides(runs_dir: Path) -> list[str]:
     # replies) and the base / warm start / GRPO comparison, as the smoke profile does.
     return as_pairs(TINY_TRAIN) + [f"runs_dir={runs_dir}", "data.limit=4", "eval.limit=2", "eval.split=all",
                                    "eval.concurrency=2", "warm_start.enabled=true", "warm_start.epochs=1",
-                                   "warm_start.min_score=-10"]
+                                   "warm_start.min_score=-10", "warm_start.drop_malformed=false"]

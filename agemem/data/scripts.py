@@ -45,7 +45,7 @@ def split_for(record_id: str, eval_fraction: float) -> str:
 def ensure_eval_split(scripts: list[EpisodeScript], eval_fraction: float) -> list[EpisodeScript]:
     """Move the ``ceil(n * eval_fraction)`` lowest-ranked ids to ``eval`` when hashing gave none.
 
-    The id hash alone leaves a small set (the smoke profile's 8 records) with no eval episode about
+    The id hash alone leaves a small set (8 records, say) with no eval episode about
     one time in six; evaluating training episodes instead would hide that. Larger sets are untouched.
     """
     if eval_fraction <= 0 or len(scripts) < 2 or any(s.split == "eval" for s in scripts):

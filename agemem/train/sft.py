@@ -116,7 +116,8 @@ def select(trajectories: list[TeacherTrajectory], settings: Settings) -> list[Te
     budget teaches exactly the format error the warm start is there to remove), whatever its reward.
     """
     cfg = settings.warm_start
-    return [t for t in trajectories if not t.malformed and t.value(cfg.keep_metric) >= cfg.min_score]
+    return [t for t in trajectories
+            if not (cfg.drop_malformed and t.malformed) and t.value(cfg.keep_metric) >= cfg.min_score]
 
 
 def _items(kept: list[TeacherTrajectory]) -> list[Any]:
@@ -226,13 +227,13 @@ def warm_start(settings: Settings, episodes_path: Path) -> TrainResult:
     kept = select(trajectories, settings)
     cfg = settings.warm_start
     metric = [t.value(cfg.keep_metric) for t in trajectories]
-    malformed = sum(t.malformed for t in trajectories)
+    malformed = sum(t.malformed for t in trajectories) if cfg.drop_malformed else 0
     logger.info("warm start: kept %d of %d teacher trajectories (%s >= %s; %d dropped as malformed)", len(kept),
                 len(trajectories), cfg.keep_metric, cfg.min_score, malformed)
     if trajectories and malformed == len(trajectories):
         raise RuntimeError(f"warm start kept no teacher trajectory: every one has a malformed reply (cut by "
-                           f"episode.max_turn_tokens={settings.episode.max_turn_tokens}?); raise it or use "
-                           "warm_start.style=compact")
+                           f"episode.max_turn_tokens={settings.episode.max_turn_tokens}?); raise it, use "
+                           "warm_start.style=compact, or keep them with warm_start.drop_malformed=false")
     if not kept:
         raise RuntimeError(f"warm start kept no teacher trajectory: none reached {cfg.keep_metric} >= "
                            f"{cfg.min_score} (best {max(metric, default=float('nan')):.3f}); lower "

@@ -186,7 +186,7 @@ def test_cli_prepare_and_distractors(runs_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     out = runs_dir / "data" / "episodes.jsonl"
     assert f"episodes: {out}" in result.output
-    assert len(read_episodes(out)) == 8
+    assert len(read_episodes(out)) == 40  # the smoke profile's data.limit
 
 
 def test_cli_reports_bad_source(tmp_path: Path, runs_dir: Path) -> None:

@@ -21,7 +21,7 @@ def settings_for(runs_dir: Path, source: str | Path, **data) -> object:
 
 def test_sample_loads_normalised(smoke_settings) -> None:
     records = load_records(smoke_settings)
-    assert len(records) == 8  # smoke limit
+    assert len(records) == smoke_settings.data.limit == 40  # the smoke profile's limit
     rec = records[0]
     assert rec.id == "5a8b57f25542995d1e6f1371" and rec.answer == "yes" and rec.labelled
     assert len(rec.context) == 10 and rec.type == "comparison" and rec.level == "hard"

@@ -57,7 +57,7 @@ def test_split_is_stable_and_close_to_fraction() -> None:
 def test_small_sets_always_get_an_eval_split(runs_dir) -> None:
     from agemem.data.scripts import ensure_eval_split
 
-    settings = _settings(runs_dir)
+    settings = _settings(runs_dir, limit=8)
     scripts = [build_script(rec, settings) for rec in load_records(settings)]
     all_train = [s.model_copy(update={"split": "train"}) for s in scripts]
     fixed = ensure_eval_split(all_train, 0.2)
