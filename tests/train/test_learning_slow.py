@@ -7,9 +7,11 @@ end unanswered and GRPO has room to raise the reward (after 8 epochs the rollout
 model's ceiling, and 8 steps at lr 2e-4 measured -0.33: nothing left to learn, which says nothing
 about the trainer). Rollouts are seeded per trajectory and memory-id
 aliases keep random store ids out of the prompts, so the real and flipped runs share their first
-step. The reward of the last two of 8 steps must exceed that of the first two by a margin of 0.3
-(measured +0.79: -1.07 -> +0.34). The same run with the advantage sign flipped must not (measured
--0.34: the reward falls to -1.75 and stays there): the test tells a learning trainer from a broken one.
+step. Something still varies between runs (most likely the batch composition of decoding): two runs
+of this same code measured +0.79 (-1.07 -> +0.34), +0.87 and +0.27 for the reward of the last two of
+8 steps over that of the first two. The same run with the advantage sign flipped measured -0.34 (the reward
+falls to -1.75 and stays there), and -1.03 with a longer warm start. The margin, 0.1, lies between
+them with room on both sides: the test tells a learning trainer from a broken one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from agemem.train.sft import after_warm_start, warm_start
 pytestmark = pytest.mark.slow
 
 STEPS = 8
-MARGIN = 0.3
+MARGIN = 0.1
 
 
 @pytest.fixture(scope="module")
