@@ -37,9 +37,8 @@ NOT_SHAPING_TRAINING = frozenset({
 #: GRPO sweep (learning rate, KL, group size) reuses one warm start instead of retraining it.
 GRPO_ONLY_TRAINING = frozenset({
     "rollouts_per_prompt", "tasks_per_batch", "lr", "kl_coef", "kl_loss_type", "clip_ratio", "norm_adv_by_std",
-    "ppo_epochs",
-    "rollout_engine", "rollout_tp", "gpu_memory_utilization", "agent_workers", "token_server_cache_tokens",
-    "token_server_max_batch",
+    "ppo_epochs", "rollout_engine", "rollout_tp", "gpu_memory_utilization", "agent_workers",
+    "token_server_cache_tokens", "token_server_max_batch",
 })
 #: Other sections' fields that shape rollouts and rewards during training.
 SHAPING_FIELDS: dict[str, tuple[str, ...]] = {
@@ -91,12 +90,12 @@ class TrainResult:
                    config_hash=str(data.get("config_hash", "")), **paths)  # type: ignore[arg-type]
 
 
-def _shaping(settings: "Settings") -> dict[str, Any]:
+def _shaping(settings: "Settings", skip_train: frozenset[str] = NOT_SHAPING_TRAINING) -> dict[str, Any]:
     dump = settings.model_dump(mode="json")
     picked: dict[str, Any] = {
         "version": _HASH_VERSION,
         "backend": settings.train.backend,
-        "train": {k: v for k, v in dump["train"].items() if k not in NOT_SHAPING_TRAINING},
+        "train": {k: v for k, v in dump["train"].items() if k not in skip_train},
         "episode": dump["episode"],
         "judge": {k: v for k, v in dump["judge"].items() if k != "api_key"},
     }
@@ -105,27 +104,27 @@ def _shaping(settings: "Settings") -> dict[str, Any]:
     return picked
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def config_hash(settings: "Settings") -> str:
     """16 hex digits naming the training configuration (every setting that shapes what is learned)."""
-    text = json.dumps(_shaping(settings), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _digest(_shaping(settings))
 
 
 def inputs_hash(settings: "Settings") -> str:
     """The configuration plus how long it trains: the key of a finished training result."""
     warm = warm_start_hash(settings) if settings.warm_start.enabled else None
-    text = json.dumps({"config": config_hash(settings), "total_steps": settings.train.total_steps,
-                       "total_epochs": settings.train.total_epochs, "warm_start": warm}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _digest({"config": config_hash(settings), "total_steps": settings.train.total_steps,
+                    "total_epochs": settings.train.total_epochs, "warm_start": warm})
 
 
 def warm_start_hash(settings: "Settings") -> str:
-    """16 hex digits naming a warm-start configuration: what shapes the policy before GRPO plus the warm_start section."""
-    shaping = _shaping(settings)
-    shaping["train"] = {k: v for k, v in shaping["train"].items() if k not in GRPO_ONLY_TRAINING}
-    text = json.dumps({"config": shaping, "warm_start": settings.model_dump(mode="json")["warm_start"]},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """16 hex digits naming a warm-start configuration: what shapes the policy before GRPO, and the
+    warm_start section."""
+    return _digest({"config": _shaping(settings, NOT_SHAPING_TRAINING | GRPO_ONLY_TRAINING),
+                    "warm_start": settings.model_dump(mode="json")["warm_start"]})
 
 
 Algo = Literal["grpo", "sft"]

@@ -242,7 +242,8 @@ def warm_start(settings: Settings, episodes_path: Path) -> TrainResult:
     history = [] if policy is None else fit(policy.model, items, settings, device)
     report = WarmStartReport(
         teacher=cfg.teacher if cfg.teacher == "llm" else f"scripted ({cfg.style})", episodes=len(episodes),
-        trajectories=len(trajectories), kept=len(kept), malformed=malformed, keep_metric=cfg.keep_metric, min_score=cfg.min_score,
+        trajectories=len(trajectories), kept=len(kept), malformed=malformed, keep_metric=cfg.keep_metric,
+        min_score=cfg.min_score,
         mean_score_all=statistics.fmean(metric), mean_score_kept=statistics.fmean(t.value(cfg.keep_metric) for t in kept),
         model_tokens=sum(it.num_tokens for it in items), epochs=history, seconds=time.perf_counter() - started,
     )

@@ -77,7 +77,8 @@ def test_grpo_update_prefers_the_rewarded_reply(learning_settings: Settings, tra
 def test_the_check_fails_with_a_flipped_advantage_sign(learning_settings: Settings, train_scripts: list[Any],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     real = grpo.trajectory_advantages
-    monkeypatch.setattr(grpo, "trajectory_advantages", lambda rewards, groups, **kw: [-a for a in real(rewards, groups, **kw)])
+    monkeypatch.setattr(grpo, "trajectory_advantages",
+                        lambda rewards, groups, **kw: [-a for a in real(rewards, groups, **kw)])
     assert preference_gain(learning_settings, train_scripts) < 1.0
 
 

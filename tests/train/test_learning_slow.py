@@ -5,12 +5,12 @@ episodes (stage 1: one round, no distractors, stage 3: two rounds, temperature 1
 is deliberately short (3 epochs): it teaches the format half-way, so about half the first rollouts
 end unanswered and GRPO has room to raise the reward (after 8 epochs the rollouts start near this
 model's ceiling, and 8 steps at lr 2e-4 measured -0.33: nothing left to learn, which says nothing
-about the trainer). Rollouts are seeded per trajectory and memory-id
-aliases keep random store ids out of the prompts, so the real and flipped runs share their first
-step. Something still varies between runs (most likely the batch composition of decoding): two runs
-of this same code measured +0.79 (-1.07 -> +0.34), +0.87 and +0.27 for the reward of the last two of
-8 steps over that of the first two. The same run with the advantage sign flipped measured -0.34 (the reward
-falls to -1.75 and stays there), and -1.03 with a longer warm start. The margin, 0.1, lies between
+about the trainer). Rollouts are seeded per trajectory and memory-id aliases keep random store ids
+out of the prompts, so the real and flipped runs share their first step. Something still varies
+between runs (most likely the batch composition of decoding): three runs of this same code measured
++0.79 (-1.07 -> +0.34), +0.87 and +0.27 for the reward of the last two of 8 steps over that of the
+first two. The same run with the advantage sign flipped measured -0.34 (the reward falls to -1.75
+and stays there), and -1.03 with a longer warm start. The margin, 0.1, lies between
 them with room on both sides: the test tells a learning trainer from a broken one.
 """
 
@@ -45,8 +45,8 @@ def learning_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Pa
         # prompts and the run is not the same twice (measured gains +0.52, +0.19 and more on one seed).
         "episode": {"enable_stage2": False, "stage1_max_rounds": 1, "stage3_max_rounds": 2, "temperature": 1.0,
                     "alias_memory_ids": True},
-        "train": {"lora_rank": 0, "lr": 2e-3, "kl_coef": 0.0, "norm_adv_by_std": True, "tasks_per_batch": 2, "rollouts_per_prompt": 6,
-                  "total_steps": STEPS, "device": "cpu", "seed": 7},
+        "train": {"lora_rank": 0, "lr": 2e-3, "kl_coef": 0.0, "norm_adv_by_std": True, "tasks_per_batch": 2,
+                  "rollouts_per_prompt": 6, "total_steps": STEPS, "device": "cpu", "seed": 7},
         "warm_start": {"epochs": 3, "lr": 3e-3, "batch_segments": 1, "min_score": -10.0},
     })
     episodes = runs / "episodes.jsonl"
@@ -73,5 +73,6 @@ def test_a_flipped_advantage_sign_does_not_pass_that_check(learning_run: tuple[S
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     settings, episodes, warm = learning_run
     real = grpo.trajectory_advantages
-    monkeypatch.setattr(grpo, "trajectory_advantages", lambda rewards, groups, **kw: [-a for a in real(rewards, groups, **kw)])
+    monkeypatch.setattr(grpo, "trajectory_advantages",
+                        lambda rewards, groups, **kw: [-a for a in real(rewards, groups, **kw)])
     assert reward_gain(settings, episodes, warm, tmp_path / "flipped") <= MARGIN

@@ -100,7 +100,8 @@ def _inline(reward_worker: Any) -> Any:
 def _compose(runs_dir: Path, server_url: str) -> tuple[Any, Any]:
     settings = load_settings("smoke", {"runs_dir": str(runs_dir), "episode": {"max_turn_tokens": 1024},
                                        # std-scaled advantages (the paper's GRPO), which the test recomputes by hand
-                                       "train": {"tiny_hidden_size": 32, "tiny_num_layers": 1, "norm_adv_by_std": True}})
+                                       "train": {"tiny_hidden_size": 32, "tiny_num_layers": 1,
+                                                 "norm_adv_by_std": True}})
     paths = plan_paths(settings)
     verl_config.write_agent_loop_config(paths.agent_loop_config)
     model = materialise_tiny_model(settings, runs_dir / "tiny-model")

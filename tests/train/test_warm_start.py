@@ -69,7 +69,8 @@ def test_every_compact_teacher_reply_fits_the_smoke_turn_budget(pipeline_episode
 async def test_a_teacher_reply_cut_by_the_turn_budget_makes_its_trajectory_malformed(
     warm_settings: Settings, train_scripts: list[Any], chat_tokenizer: Any, embed: Any
 ) -> None:
-    short = warm_settings.model_copy(update={"episode": warm_settings.episode.model_copy(update={"max_turn_tokens": 24})})
+    episode = warm_settings.episode.model_copy(update={"max_turn_tokens": 24})
+    short = warm_settings.model_copy(update={"episode": episode})
     engine = EpisodeEngine.from_settings(short, tokenizer=chat_tokenizer, encode=embed)
     script = train_scripts[0]
     try:
