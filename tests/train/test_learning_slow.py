@@ -1,17 +1,25 @@
 """GRPO after the teacher warm start raises the training reward (slow: a real warm start and GRPO run).
 
-A fixed seed, the tiny model warm-started on the compact scripted teacher, then local GRPO on short
-episodes (stage 1: one round, no distractors, stage 3: two rounds, temperature 1.0). The warm start
-is deliberately short (3 epochs): it teaches the format half-way, so about half the first rollouts
-end unanswered and GRPO has room to raise the reward (after 8 epochs the rollouts start near this
-model's ceiling, and 8 steps at lr 2e-4 measured -0.33: nothing left to learn, which says nothing
-about the trainer). Rollouts are seeded per trajectory and memory-id aliases keep random store ids
-out of the prompts, so the real and flipped runs share their first step. Something still varies
-between runs (most likely the batch composition of decoding): three runs of this same code measured
-+0.79 (-1.07 -> +0.34), +0.87 and +0.27 for the reward of the last two of 8 steps over that of the
-first two. The same run with the advantage sign flipped measured -0.34 (the reward falls to -1.75
-and stays there), and -1.03 with a longer warm start. The margin, 0.1, lies between
-them with room on both sides: the test tells a learning trainer from a broken one.
+A fixed seed, the tiny model warm-started on the compact scripted teacher (3 epochs: it teaches the
+format half-way, so about half the first rollouts end unanswered), then local GRPO on short episodes
+(stage 1: one round, no distractors, stage 3: two rounds) at the smoke profile's temperature, 0.6.
+Every step trains on the same four tasks, so the reward it measures moves with the policy and not
+with which tasks the batch drew; step 1's rollouts come from the warm-started model, before any
+update, and are the baseline. The gain is the mean reward of the last two steps over step 1's.
+
+Why this shape (measured, dev runs on this sample): the first version of this test drew two new
+tasks a step at temperature 1.0 and lr 2e-3 with std-normalised advantages. Its gain was mostly the
+batch mix: +0.79, +0.87, +0.27, +0.28 and -0.06 (a CI run) on the same seed; on two fixed tasks the
+same trainer gained nothing in 8 steps. At temperature 1.0 the tiny model samples near-uniform
+tokens (entropy 8.4 nats a token) and learns little; at 0.6 (entropy 0.4) it learns the format in
+two steps. With std-normalised advantages the reward then collapses again at steps 7-8 (-0.99 and
+-1.49 at lr 5e-4 and 2e-3): once every rollout answers, (r - mean) / std blows reward differences of
+0.001 up to unit advantages. Unscaled advantages (Dr. GRPO, the smoke profile's) stay at the ceiling.
+This configuration, for train seeds 7, 1, 2, 3 and 11 (the last two with 2 torch threads, which
+changes the float sums the way another machine does): gains +1.00, +1.38, +1.44, +1.63 and +1.95;
+with the advantage sign flipped -1.00, -0.61, -0.00, -0.25 and -0.00 (the reward falls to the -1.74
+floor, or stays there when the warm start never answers). The margin, 0.5, lies between them with
+room on both sides: the test tells a learning trainer from a broken one.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ from agemem.train.sft import after_warm_start, warm_start
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
-MARGIN = 0.1
+STEPS = 6
+TASKS = 4
+MARGIN = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +52,18 @@ def learning_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Pa
         "data": {"limit": 16, "distractor_messages": 0},
         # Aliases (the default, pinned here): without them the store's random memory ids reach the
         # prompts and the run is not the same twice (measured gains +0.52, +0.19 and more on one seed).
-        "episode": {"enable_stage2": False, "stage1_max_rounds": 1, "stage3_max_rounds": 2, "temperature": 1.0,
+        "episode": {"enable_stage2": False, "stage1_max_rounds": 1, "stage3_max_rounds": 2, "temperature": 0.6,
                     "alias_memory_ids": True},
-        "train": {"lora_rank": 0, "lr": 2e-3, "kl_coef": 0.0, "norm_adv_by_std": True, "tasks_per_batch": 2,
-                  "rollouts_per_prompt": 6, "total_steps": STEPS, "device": "cpu", "seed": 7},
+        "train": {"lora_rank": 0, "lr": 1e-3, "kl_coef": 0.0, "norm_adv_by_std": False, "tasks_per_batch": TASKS,
+                  "rollouts_per_prompt": 4, "total_steps": STEPS, "device": "cpu", "seed": 7},
         "warm_start": {"epochs": 3, "lr": 3e-3, "batch_segments": 1, "min_score": -10.0},
     })
-    episodes = runs / "episodes.jsonl"
-    write_episodes([e for e in sample_episodes(settings) if e.split == "train"], episodes)
-    return settings, episodes, warm_start(settings, episodes)
+    train = [e for e in sample_episodes(settings) if e.split == "train"]
+    teacher_episodes, grpo_episodes = runs / "episodes.jsonl", runs / "grpo_episodes.jsonl"
+    write_episodes(train, teacher_episodes)
+    # tasks_per_batch == len(file): every step's batch is these same tasks.
+    write_episodes(train[:TASKS], grpo_episodes)
+    return settings, grpo_episodes, warm_start(settings, teacher_episodes)
 
 
 def reward_gain(settings: Settings, episodes: Path, warm: Any, output_dir: Path) -> float:
@@ -60,7 +72,7 @@ def reward_gain(settings: Settings, episodes: Path, warm: Any, output_dir: Path)
         update={"output_dir": output_dir})})
     history = train_local(grpo_settings, episodes).history
     rewards = [h["reward/mean"] for h in history]
-    return statistics.fmean(rewards[-2:]) - statistics.fmean(rewards[:2])
+    return statistics.fmean(rewards[-2:]) - rewards[0]
 
 
 def test_grpo_after_the_warm_start_raises_the_training_reward(learning_run: tuple[Settings, Path, Any],
