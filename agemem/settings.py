@@ -402,6 +402,10 @@ class WarmStartSettings(_Section):
     style: Literal["default", "compact"] = Field(
         "default", description="Scripted teacher's replies: 'compact' fits short turns (a small model's warm start)."
     )
+    query_words: int = Field(
+        6, ge=1, le=64, description="Compact style: the stage-3 Retrieve_memory query is the question's first N "
+        "content words (a small model copies a short query more reliably than the whole question).",
+    )
     episodes: int | None = Field(None, ge=1, description="Teacher episodes: the first N train episodes (None = all).")
     rollouts_per_episode: int = Field(1, ge=1, description="Teacher trajectories per episode (>1 for sampling LLMs).")
     keep_metric: Literal["reward", "judge_score"] = Field(

@@ -17,7 +17,7 @@ import logging
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from agemem.agent.policy import LLMChatPolicy
 from agemem.agent.scripted import COMPACT, ScriptedChatPolicy, ScriptStyle, default_responses
 from agemem.data.records import EpisodeScript
 from agemem.reward.score import score_episode
-from agemem.settings import Settings
+from agemem.settings import Settings, WarmStartSettings
 from agemem.train import checkpoint as ckpt
 from agemem.train.local import load_train_episodes, trainable_policy
 from agemem.train.models import load_tokenizer, model_card_lines, resolve_device
@@ -71,12 +71,16 @@ class WarmStartReport:
     seconds: float = 0.0
 
 
+def teacher_style(cfg: WarmStartSettings) -> ScriptStyle:
+    """How the scripted teacher writes under ``cfg``."""
+    return replace(COMPACT, query_words=cfg.query_words) if cfg.style == "compact" else ScriptStyle()
+
+
 def teacher_policy(settings: Settings, script: EpisodeScript, engine: EpisodeEngine) -> Any:
     """The chat-level teacher of one episode."""
     cfg = settings.warm_start
     if cfg.teacher == "scripted":
-        style = COMPACT if cfg.style == "compact" else ScriptStyle()
-        return ScriptedChatPolicy(script, default_responses(script, style))
+        return ScriptedChatPolicy(script, default_responses(script, teacher_style(cfg)))
     if engine.llm is None or engine.llm.offline:
         raise ValueError("warm_start.teacher=llm needs a real llm backend (llm.backend=dashscope|openai)")
     return LLMChatPolicy(engine.llm)

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from agemem.agent.episode import EpisodeEngine, EpisodeResult
-from agemem.agent.scripted import COMPACT, ScriptedChatPolicy, default_responses
+from agemem.agent.scripted import COMPACT, ScriptedChatPolicy, content_words, default_responses
 from agemem.agent.stats import EpisodeStats
 from agemem.settings import Settings, load_settings
 from agemem.train.run import warm_start_dir
-from agemem.train.sft import TeacherTrajectory, after_warm_start, select, warm_start
+from agemem.train.sft import TeacherTrajectory, after_warm_start, select, teacher_style, warm_start
 
 
 @pytest.fixture
@@ -64,6 +64,17 @@ def test_every_compact_teacher_reply_fits_the_smoke_turn_budget(pipeline_episode
         assert longest < budget, (script.episode_id, longest)  # and room for <|im_end|>
         retrieve = json.loads(responses[(3, 0)][0].split("<tool_call>")[1].split("</tool_call>")[0])
         assert 0 < len(retrieve["arguments"]["query"].split()) <= 6
+
+
+def test_the_compact_teachers_query_has_warm_start_query_words_content_words(pipeline_episodes: Any) -> None:
+    script = pipeline_episodes(1)[0]
+    for n in (2, 3):
+        style = teacher_style(load_settings("smoke", {"warm_start": {"query_words": n}}).warm_start)
+        reply = default_responses(script, style)[(3, 0)][0]
+        query = json.loads(reply.split("<tool_call>")[1].split("</tool_call>")[0])["arguments"]["query"]
+        assert query == content_words(script.question, n) and len(query.split()) == n
+    with pytest.raises(ValueError, match="query_words"):
+        load_settings("smoke", {"warm_start": {"query_words": 0}})
 
 
 async def test_a_teacher_reply_cut_by_the_turn_budget_makes_its_trajectory_malformed(
