@@ -10,11 +10,19 @@ from typing import Any
 import pytest
 
 from agemem.agent.episode import EpisodeEngine, EpisodeResult
+from agemem.agent.parsing import parse_response
 from agemem.agent.scripted import COMPACT, ScriptedChatPolicy, content_words, default_responses
 from agemem.agent.stats import EpisodeStats
 from agemem.settings import Settings, load_settings
 from agemem.train.run import warm_start_dir
 from agemem.train.sft import TeacherTrajectory, after_warm_start, select, teacher_style, warm_start
+
+
+def retrieve_query(reply: str) -> str:
+    """The query of the one Retrieve_memory call in a teacher reply, read by the agent's own parser."""
+    parsed = parse_response(reply)
+    assert not parsed.issues and [c.name for c in parsed.tool_calls] == ["Retrieve_memory"], parsed
+    return parsed.tool_calls[0].arguments["query"]
 
 
 @pytest.fixture
@@ -62,16 +70,14 @@ def test_every_compact_teacher_reply_fits_the_smoke_turn_budget(pipeline_episode
         replies = [r for rs in responses.values() for r in rs if isinstance(r, str)]
         longest = max(len(chat_tokenizer.encode(r)) for r in replies)
         assert longest < budget, (script.episode_id, longest)  # and room for <|im_end|>
-        retrieve = json.loads(responses[(3, 0)][0].split("<tool_call>")[1].split("</tool_call>")[0])
-        assert 0 < len(retrieve["arguments"]["query"].split()) <= 6
+        assert 0 < len(retrieve_query(responses[(3, 0)][0]).split()) <= 6
 
 
 def test_the_compact_teachers_query_has_warm_start_query_words_content_words(pipeline_episodes: Any) -> None:
     script = pipeline_episodes(1)[0]
     for n in (2, 3):
         style = teacher_style(load_settings("smoke", {"warm_start": {"query_words": n}}).warm_start)
-        reply = default_responses(script, style)[(3, 0)][0]
-        query = json.loads(reply.split("<tool_call>")[1].split("</tool_call>")[0])["arguments"]["query"]
+        query = retrieve_query(default_responses(script, style)[(3, 0)][0])
         assert query == content_words(script.question, n) and len(query.split()) == n
     with pytest.raises(ValueError, match="query_words"):
         load_settings("smoke", {"warm_start": {"query_words": 0}})
