@@ -17,6 +17,10 @@ For each model (the tiny random Qwen2 and SmolLM2-135M-Instruct from its GGUF), 
    token with the cached prefix vs a fresh prefill of the same total length.
 3. **4 x 500 x 64**: four concurrent 500-token prompts, 64 new tokens each (``ignore_eos``), on
    the new server vs one batched ``model.generate`` (tokens/s), with the sequential server for scale.
+4. **What the step costs at best**: the model's own batched decode forward (no server, no sampling)
+   at the step's mean decode batch (rounded) and at one row, on the step's real prompts; the step's
+   decode steps times it, plus its prefilled tokens at the fresh prefill's rate per token, is about
+   the least any server could spend on this step with this model and these kernels.
 
     .venv/bin/python benchmarks/local_rollout.py                 # both models, 2 torch threads
     .venv/bin/python benchmarks/local_rollout.py --models tiny   # seconds
@@ -201,7 +205,7 @@ async def grpo_step(trainer: Any, engine: Any, scripts: list[Any], server: Any, 
     return {"wall": wall, "busy": s.seconds, "prefill_s": s.prefill_seconds, "decode_s": s.decode_seconds,
             "calls": s.calls, "prompt": s.prompt_tokens,
             "prefill": s.prefill_tokens, "new": s.completion_tokens, "hit": s.cache_hit_rate,
-            "batch": s.mean_batch, "turns": sum(r.result.stats.total_rounds for r in rollouts)}
+            "batch": s.mean_batch, "steps": s.decode_steps, "turns": sum(r.result.stats.total_rounds for r in rollouts)}
 
 
 async def next_turn(model: Any, tokenizer: Any, device: str, calls: list[Call], max_turn: int) -> dict[str, float]:
@@ -231,6 +235,43 @@ async def next_turn(model: Any, tokenizer: Any, device: str, calls: list[Call], 
     fresh = time.perf_counter() - t0
     return {"total": len(prompt2), "reused": reused, "new": len(prompt2) - reused, "cached_s": cached,
             "fresh_s": fresh}
+
+
+def decode_floor(model: Any, device: str, calls: list[Call], rows: int, steps: int = 12) -> dict[str, float]:
+    """The model's own batched decode forward, no server around it: seconds per step at ``rows`` and at 1 row.
+
+    The rows are the step's real prompts whose lengths lie nearest the context the step decoded at (prompt
+    lengths weighted by the tokens decoded after them), packed the way the server packs them; times
+    exclude sampling.
+    """
+    import torch
+
+    from agemem.train.kv_cache import RunningBatch, kv_of
+
+    decoded = sum(len(c.token_ids) for c in calls) or 1
+    context = sum(len(c.prompt_ids) * len(c.token_ids) for c in calls) / decoded
+    chosen = sorted(calls, key=lambda c: abs(len(c.prompt_ids) - context))[:rows]
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {"context": context}
+    with torch.inference_mode():
+        kvs = [kv_of(model(input_ids=torch.tensor([c.prompt_ids], device=device), use_cache=True).past_key_values)
+               for c in chosen]
+        for label, group in (("rows", kvs), ("one", kvs[:1])):
+            batch = RunningBatch()
+            batch.update(add=group)
+            ids = torch.full((len(group), 1), int(chosen[0].prompt_ids[-1]), dtype=torch.long, device=device)
+            for i in range(steps + 2):  # two warm-up steps
+                if i == 2:
+                    started = time.perf_counter()
+                mask, positions = batch.step_inputs(device)
+                model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache,
+                      use_cache=True)
+                batch.advance()
+            out[label] = (time.perf_counter() - started) / steps
+    if was_training:
+        model.train()
+    return out
 
 
 async def four_by_500(model: Any, tokenizer: Any, device: str, calls: list[Call], temperature: float,
@@ -309,6 +350,7 @@ async def bench_model(label: str, overrides: dict[str, Any], args: argparse.Name
                                     "prompt": sum(len(c.prompt_ids) for c in calls),
                                     "prefill": sum(len(c.prompt_ids) for c in calls), "new": total_new,
                                     "hit": 0.0, "batch": len(calls) / len(waves), "turns": None}
+        floor = decode_floor(model, device, calls, max(1, round(rows["batched+prefix"]["batch"])))
         turn = await next_turn(model, tok, device, calls, settings.episode.max_turn_tokens)
         turn_load = load_avg()
         quad = await four_by_500(model, tok, device, calls, settings.episode.temperature, not args.skip_sequential_4x)
@@ -337,10 +379,23 @@ async def bench_model(label: str, overrides: dict[str, Any], args: argparse.Name
         lines.append(f"| 4 x 500 x 64, {name} | {s:.2f} s, {n} tokens, {n / s:.1f} tokens/s | - | - |")
     lines.append(f"| 4 x 500 x 64: new server / batched generate tokens/s | {q_ratio:.2f} | >= 0.8 | "
                  f"{'yes' if q_ratio >= 0.8 else 'NO'} |")
+    new = rows["batched+prefix"]
+    n_rows = max(1, round(new["batch"]))
+    bound = new["steps"] * floor["rows"]
+    lines += [f"| decode forward alone (no server, no sampling), {n_rows} rows / 1 row at a {floor['context']:.0f}-token "
+              f"context | {floor['rows'] * 1e3:.1f} ms / {floor['one'] * 1e3:.1f} ms a step: {n_rows} rows cost "
+              f"{floor['rows'] / floor['one']:.2f}x one | - | - |",
+              f"| new server's decode vs its {new['steps']} decode steps x the {n_rows}-row forward | "
+              f"{new['decode_s']:.1f} s vs {bound:.1f} s | - | - |"]
     if seq:
-        speed = seq["wall"] / rows["batched+prefix"]["wall"]
+        speed = seq["wall"] / new["wall"]
         lines.append(f"| GRPO step: sequential / batched+prefix wall | {speed:.2f}x | >= 4x (SmolLM2) | "
                      f"{'yes' if speed >= 4 else 'NO'} |")
+        # The prefill the cache cannot serve, at the fresh prefill's rate per token (the next-turn check's).
+        prefill = new["prefill"] * turn["fresh_s"] / turn["total"]
+        lines.append(f"| GRPO step at best: sequential wall / (decode steps x the {n_rows}-row forward + "
+                     f"{new['prefill']} prefilled tokens at the fresh prefill's {turn['fresh_s'] / turn['total'] * 1e3:.2f} "
+                     f"ms a token = {bound:.1f} + {prefill:.1f} s) | {seq['wall'] / (bound + prefill):.2f}x | - | - |")
     lines += ["", f"load average after the next-turn check: {turn_load}; after 4 x 500 x 64: {quad_load}", ""]
     return lines
 
