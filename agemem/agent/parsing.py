@@ -3,8 +3,8 @@
 Accepted ``<tool_call>`` bodies: a single ``{"name", "arguments"}`` object (Qwen/hermes native
 form), a JSON array of such objects (the reference's form), or several objects one after
 another; ``arguments`` may be an object or a JSON string. Anything inside ``<think>`` is
-reasoning and never executed. :func:`parse_response` never raises: problems come back as
-:class:`FormatIssue` objects whose ``message`` is sent to the model.
+reasoning and never executed. An empty ``<answer>`` is no answer. :func:`parse_response` never
+raises: problems come back as :class:`FormatIssue` objects whose ``message`` is sent to the model.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _MAX_SNIPPET = 80
 class FormatIssue:
     """A protocol violation in a model turn. ``kind`` is a stable counter key."""
 
-    kind: str  # invalid_json | bad_call | unclosed_tool_call | unclosed_answer | unclosed_think
+    kind: str  # invalid_json | bad_call | unclosed_tool_call | unclosed_answer | unclosed_think | empty_answer
     message: str
 
 
@@ -149,15 +149,21 @@ def parse_response(text: Any) -> ParsedResponse:
             out.issues.append(FormatIssue("unclosed_tool_call", "<tool_call> was not closed with </tool_call>"))
         out.tool_calls.extend(calls)
 
-    answer = _ANSWER.search(visible)
-    if answer is not None:
-        out.answer = answer.group(1).strip()
+    closed = [m.group(1).strip() for m in _ANSWER.finditer(visible)]
+    if closed:
+        out.answer = next((a for a in closed if a), "")
     else:
         opens = [m.start() for m in re.finditer(re.escape("<answer>"), visible, re.IGNORECASE)]
-        open_answer = opens[-1] if opens else -1
-        if open_answer != -1:
-            out.answer = visible[open_answer + len("<answer>"):].strip()
-            out.issues.append(FormatIssue("unclosed_answer", "<answer> was not closed"))
+        if opens:
+            out.answer = visible[opens[-1] + len("<answer>"):].strip()
+            if out.answer:
+                out.issues.append(FormatIssue("unclosed_answer", "<answer> was not closed"))
+    if out.answer == "":
+        # An empty answer answers nothing: it must not end the stage or count as answered (which
+        # would spare it the reward's no-answer penalty), so the model hears it like any format error.
+        out.answer = None
+        out.issues.append(FormatIssue("empty_answer", "<answer> was empty: write the answer between "
+                                                      "<answer> and </answer>"))
     return out
 
 

@@ -133,6 +133,26 @@ async def test_tool_errors_reach_the_model_and_are_counted(agent_settings, agent
     assert s.stage_end["1"] == "answer" and s.answered  # the episode carried on
 
 
+async def test_an_empty_answer_is_a_format_error_not_an_answer(agent_settings, agent_memory, chat_tokenizer,
+                                                               episode_script, embed) -> None:
+    engine = EpisodeEngine.from_settings(agent_settings, tokenizer=chat_tokenizer, memory=agent_memory, encode=embed)
+    responses = default_responses(episode_script)
+    responses[(3, 0)] = ["<answer></answer>", "<answer>fine</answer>"]
+    result = await engine.run_tokens(episode_script, ScriptedTokenPolicy(chat_tokenizer, episode_script, responses))
+    assert result.stats.format_errors == {"empty_answer": 1}
+    assert result.stats.answered and result.stats.final_answer == "fine"  # the model heard it and answered
+    assert any("<answer> was empty" in t["content"] for t in result.transcript if t["role"] == "tool")
+
+    # Only empty answers: the question is unanswered, and the reward's no-answer penalty applies.
+    responses[(3, 0)] = ["<think>Done.</think><answer> </answer>"]
+    result = await engine.run_tokens(episode_script, ScriptedTokenPolicy(chat_tokenizer, episode_script, responses))
+    assert not result.stats.answered and result.stats.stage_end["3"] != "answer"
+    score = compute_score("hotpotqa", result.transcript_text(), episode_script.gold_answer,
+                          json.loads(json.dumps(result.extra_fields())))
+    assert score["answered"] == 0.0
+    assert score["penalty_no_answer"] < 0
+
+
 async def test_summary_rewrites_context_and_opens_a_segment(agent_settings, agent_memory, chat_tokenizer,
                                                             episode_script, embed) -> None:
     responses = default_responses(episode_script)

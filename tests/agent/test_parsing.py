@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -84,6 +86,21 @@ def test_truncated_tool_call() -> None:
 def test_plain_text_has_no_action() -> None:
     p = parse_response("Sure, sounds good!")
     assert not p.has_action and p.errors == []
+
+
+@pytest.mark.parametrize("text", ["<answer></answer>", "<answer>  \n </answer>", "<think>x</think><answer>",
+                                  "<answer>Ken St.</think>\n<answer>"])
+def test_an_empty_answer_is_no_answer_and_the_model_hears_it(text: str) -> None:
+    p = parse_response(text)
+    assert p.answer is None and not p.has_action
+    assert [i.kind for i in p.errors] == ["empty_answer"] and "empty" in p.errors[0].message
+
+
+def test_the_first_non_empty_answer_counts_and_an_unclosed_one_is_accepted() -> None:
+    p = parse_response("<answer></answer> then <answer> Paris </answer>")
+    assert p.answer == "Paris" and p.issues == []
+    cut = parse_response("<answer>Paris")
+    assert cut.answer == "Paris" and cut.errors == [] and [i.kind for i in cut.issues] == ["unclosed_answer"]
 
 
 def test_code_fenced_json() -> None:
