@@ -253,7 +253,7 @@ def decode_floor(model: Any, device: str, calls: list[Call], rows: int, steps: i
     chosen = sorted(calls, key=lambda c: abs(len(c.prompt_ids) - context))[:rows]
     was_training = model.training
     model.eval()
-    out: dict[str, float] = {"context": context}
+    out: dict[str, float] = {"context": context, "n": len(chosen)}
     with torch.inference_mode():
         kvs = [kv_of(model(input_ids=torch.tensor([c.prompt_ids], device=device), use_cache=True).past_key_values)
                for c in chosen]
@@ -380,7 +380,7 @@ async def bench_model(label: str, overrides: dict[str, Any], args: argparse.Name
     lines.append(f"| 4 x 500 x 64: new server / batched generate tokens/s | {q_ratio:.2f} | >= 0.8 | "
                  f"{'yes' if q_ratio >= 0.8 else 'NO'} |")
     new = rows["batched+prefix"]
-    n_rows = max(1, round(new["batch"]))
+    n_rows = int(floor["n"])
     bound = new["steps"] * floor["rows"]
     lines += [f"| decode forward alone (no server, no sampling), {n_rows} rows / 1 row at a {floor['context']:.0f}-token "
               f"context | {floor['rows'] * 1e3:.1f} ms / {floor['one'] * 1e3:.1f} ms a step: {n_rows} rows cost "
