@@ -93,14 +93,15 @@ async def run_rows(settings: "Settings", episodes: list["EpisodeScript"], *, mod
         nonlocal done
         async with gate:
             policy = handle.for_script(script)
+            sampling: dict[str, Any] = {"temperature": settings.eval.sampling_temperature(settings.episode)}
+            if settings.eval.seed is not None:
+                sampling["seed"] = stable_seed(settings.eval.seed, script.episode_id)
             try:
                 if handle.mode == "tokens":
-                    seeded = None if settings.eval.seed is None else {
-                        "seed": stable_seed(settings.eval.seed, script.episode_id)}
                     result = await engine.run_tokens(script, policy, request_id=f"eval-{script.episode_id}",
-                                                     sampling_overrides=seeded)
+                                                     sampling_overrides=sampling)
                 else:
-                    result = await engine.run_chat(script, policy)
+                    result = await engine.run_chat(script, policy, sampling_overrides=sampling)
             except Exception as exc:  # noqa: BLE001 - one failed episode must not lose the others
                 logger.warning("episode %s failed: %s", script.episode_id, exc)
                 row = error_row(script, f"{type(exc).__name__}: {exc}", split=script.split)
@@ -198,6 +199,7 @@ def evaluate(
         "context tools": settings.episode.use_context_tools,
         "stage 2": settings.episode.enable_stage2,
         "max context tokens": settings.episode.max_context_tokens,
+        "temperature": settings.eval.sampling_temperature(settings.episode),
     }
     if handle.random_weights:
         meta["weights"] = RANDOM_WEIGHTS_NOTE

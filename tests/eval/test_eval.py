@@ -196,3 +196,39 @@ def test_openai_endpoint_policy(eval_settings, eval_episodes, fake_openai, tmp_p
     assert fake_openai.count >= 3
     assert eval_settings.episode.temperature == fake_openai.requests[0]["temperature"]
     assert row["question"] in json.dumps(fake_openai.requests[-1]["messages"], ensure_ascii=False)
+
+
+def test_eval_temperature_overrides_the_rollouts(eval_settings, eval_episodes, fake_openai, tmp_path) -> None:
+    """``eval.temperature`` is what the evaluated policy samples at; unset, the rollouts' temperature."""
+    fake_openai.reply = "<answer>Scott Derrickson</answer>"
+    endpoint = dict(policy="openai", model=fake_openai.model, base_url=fake_openai.base_url, api_key="k", limit=1)
+    greedy = evaluate(_with(eval_settings, temperature=0.0, **endpoint), eval_episodes, output_dir=tmp_path / "g")
+    assert {r["temperature"] for r in fake_openai.requests} == {0.0}
+    assert "| temperature | 0 |" in greedy.report_path.read_text()
+    fake_openai.requests.clear()
+    evaluate(_with(eval_settings, temperature=None, **endpoint), eval_episodes, output_dir=tmp_path / "s")
+    assert {r["temperature"] for r in fake_openai.requests} == {eval_settings.episode.temperature}
+
+
+def test_greedy_checkpoint_eval_does_not_depend_on_the_seed(eval_episodes, tmp_path) -> None:
+    """At temperature 0 the token server decodes greedily: two sampling seeds give the same episodes,
+    which they do not at the rollouts' temperature (a random-weight model samples almost uniformly)."""
+    from agemem.train.models import materialise_tiny_model
+
+    settings = load_settings("smoke", {
+        "runs_dir": str(tmp_path / "runs"),
+        "train": {"device": "cpu", "tiny_hidden_size": 32, "tiny_num_layers": 1},
+        "episode": {"max_turn_tokens": 8, "stage1_max_rounds": 1, "stage2_max_rounds": 1, "stage3_max_rounds": 1,
+                    "temperature": 1.0},
+        "eval": {"limit": 1},
+    })
+    model_dir = materialise_tiny_model(settings, tmp_path / "tiny")
+
+    def transcript(temperature: float | None, seed: int) -> str:
+        out = tmp_path / f"{temperature}-{seed}"
+        row = evaluate(_with(settings, temperature=temperature, seed=seed), eval_episodes, model_path=model_dir,
+                       output_dir=out).rows[0]
+        return (out / row["transcript_file"]).read_text()
+
+    assert transcript(0.0, 1) == transcript(0.0, 2)
+    assert transcript(None, 1) != transcript(None, 2)
