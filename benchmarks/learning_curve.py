@@ -54,9 +54,15 @@ def settings_for(args: argparse.Namespace, seed: int, runs: Path) -> Any:
     return load_settings("smoke", over + list(args.set or []))
 
 
-def evaluate_checkpoint(settings: Any, episodes: Path, model: str, out: Path) -> dict[str, float]:
-    from agemem.eval.runner import evaluate
+def evaluate_checkpoint(settings: Any, episodes: Path, model: str, out: Path, *,
+                        resume: bool = False) -> dict[str, float]:
+    from agemem.eval.runner import AGGREGATES_FILE, evaluate
 
+    done = out / AGGREGATES_FILE
+    if resume and done.is_file():
+        # An interrupted run of this command evaluated this checkpoint already; the warm start and the
+        # GRPO checkpoints are reused from their caches the same way.
+        return json.loads(done.read_text())["aggregates"]
     return evaluate(settings, episodes, model_path=model, output_dir=out).aggregates  # type: ignore[arg-type]
 
 
@@ -73,16 +79,17 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]
     episodes = synthesize(settings, prepare_scripts(settings))
     evals = runs / "eval"
     curve: dict[str, dict[str, float]] = {}
-    curve["base"] = evaluate_checkpoint(settings, episodes, settings.train.model, evals / "base")
+    curve["base"] = evaluate_checkpoint(settings, episodes, settings.train.model, evals / "base", resume=args.resume)
     warm = warm_start(settings, episodes)
     grpo = after_warm_start(settings, warm)
-    curve["warm start"] = evaluate_checkpoint(grpo, episodes, str(warm.model_dir), evals / "warm")
+    curve["warm start"] = evaluate_checkpoint(grpo, episodes, str(warm.model_dir), evals / "warm", resume=args.resume)
     train_local(grpo, episodes)
     root = output_root(grpo)
     for step in range(args.every, args.steps + 1, args.every):
         directory = ckpt.step_dir(root, step)
         model = directory / "model" if (directory / "model" / "config.json").is_file() else directory / "adapter"
-        curve[f"GRPO step {step}"] = evaluate_checkpoint(grpo, episodes, str(model), evals / f"step-{step}")
+        curve[f"GRPO step {step}"] = evaluate_checkpoint(grpo, episodes, str(model), evals / f"step-{step}",
+                                                          resume=args.resume)
     return curve
 
 
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-episodes", type=int, default=12, help="held-out episodes evaluated per checkpoint")
     parser.add_argument("--out", type=Path, default=Path("runs/learning-curve"))
     parser.add_argument("--set", action="append", help="settings override, e.g. warm_start.epochs=40")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run of the same command: reuse its held-out evaluations")
     args = parser.parse_args(argv)
     args.out = args.out.resolve() / args.model
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
