@@ -419,6 +419,10 @@ class WarmStartSettings(_Section):
     epochs: int = Field(3, ge=1, description="Passes over the kept trajectories.")
     lr: float = Field(1e-4, gt=0, description="Learning rate of the warm start (AdamW; LoRA per train.lora_rank).")
     batch_segments: int = Field(4, ge=1, description="Segments per optimizer step.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads of the warm start; None: every core (nothing runs beside it, unlike "
+        "GRPO's rollouts, train.torch_threads). Not part of the warm start's cache key."
+    )
 
 
 class PolicySettings(_Section):

@@ -123,8 +123,8 @@ def inputs_hash(settings: "Settings") -> str:
 def warm_start_hash(settings: "Settings") -> str:
     """16 hex digits naming a warm-start configuration: what shapes the policy before GRPO, and the
     warm_start section."""
-    return _digest({"config": _shaping(settings, NOT_SHAPING_TRAINING | GRPO_ONLY_TRAINING),
-                    "warm_start": settings.model_dump(mode="json")["warm_start"]})
+    warm = settings.model_dump(mode="json", exclude={"warm_start": {"torch_threads"}})["warm_start"]
+    return _digest({"config": _shaping(settings, NOT_SHAPING_TRAINING | GRPO_ONLY_TRAINING), "warm_start": warm})
 
 
 Algo = Literal["grpo", "sft"]

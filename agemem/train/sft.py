@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import statistics
 import time
@@ -219,7 +220,8 @@ def warm_start(settings: Settings, episodes_path: Path) -> TrainResult:
         logger.info("warm start %s already trained; reusing it", model_dir)
         return _result(settings, model_dir, json.loads((root / REPORT_FILE).read_text()))
     started = time.perf_counter()
-    torch.set_num_threads(settings.train.torch_threads)
+    # Every core by default: SFT is one forward/backward loop (2 threads: 21 s an epoch against 34 s on 2 cores).
+    torch.set_num_threads(settings.warm_start.torch_threads or os.cpu_count() or 1)
     torch.manual_seed(settings.train.seed)
     device = resolve_device(settings.train.device)
     episodes = load_train_episodes(episodes_path)[: settings.warm_start.episodes]

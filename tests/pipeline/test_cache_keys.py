@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agemem.train.run import config_hash, inputs_hash
+from agemem.train.run import config_hash, inputs_hash, warm_start_hash
 from agemem.settings import load_settings
 from tests.data.test_distractors import numbered_reply
 from tests.fake_openai import FakeOpenAI
@@ -42,3 +42,12 @@ def test_training_hashes_follow_what_shapes_training(key: str, value: object, sa
     assert (config_hash(other) == config_hash(base)) is same_config
     # The finished-result key also follows the step count.
     assert (inputs_hash(other) == inputs_hash(base)) is (same_config and key != "train.total_steps")
+
+
+@pytest.mark.parametrize(("key", "value", "same_warm_start"), [
+    ("warm_start.epochs", 3, False), ("warm_start.lr", 1e-3, False), ("train.tiny_hidden_size", 32, False),
+    ("warm_start.torch_threads", 1, True), ("train.lr", 3e-4, True),
+])
+def test_warm_start_hash_follows_what_shapes_the_warm_start(key: str, value: object, same_warm_start: bool) -> None:
+    assert (warm_start_hash(load_settings("smoke", [f"{key}={value}"])) == warm_start_hash(load_settings("smoke"))) \
+        is same_warm_start
